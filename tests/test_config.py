@@ -1,0 +1,145 @@
+"""The `tms:` block through Axolotl's own loading path (`load_cfg`: prepare_plugins, then
+validate_config, then normalisation), exactly as `axolotl train` loads a YAML."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import base_config, write_config
+
+PLUGIN = "tms_axolotl_plugin.TMSPlugin"
+
+
+def load(tmp_path, cfg: dict):
+    from axolotl.cli.config import load_cfg
+
+    return load_cfg(str(write_config(tmp_path / "cfg.yml", cfg)))
+
+
+@pytest.fixture
+def cfg_for(tmp_path, tiny_model_dir, small_chat_dataset):
+    def make(tms=None, **overrides):
+        cfg = base_config(tiny_model_dir, small_chat_dataset, tmp_path / "out", **overrides)
+        cfg["plugins"] = [PLUGIN]
+        if tms is not None:
+            cfg["tms"] = tms
+        return cfg
+
+    return make
+
+
+def test_valid_block_round_trips_with_defaults_filled(tmp_path, cfg_for):
+    cfg = load(tmp_path, cfg_for(tms={"num_checkpoints": 4, "generation": {"temperature": 0.7}}))
+    tms = cfg.tms
+    assert tms["num_checkpoints"] == 4
+    assert tms["alpha"] == 0.25
+    assert tms["schedule"] == "offline"
+    assert tms["student_init"] == "base"
+    assert tms["generation"]["temperature"] == 0.7
+    assert tms["generation"]["top_p"] == 1.0
+    assert tms["generation"]["backend"] == "hf"
+    assert tms["generation"]["all_checkpoints"] is False
+    assert tms["sidecar"]["host"] == "127.0.0.1"
+    assert tms["pld"]["max_examples"] == 256
+
+
+def test_empty_block_gets_all_defaults(tmp_path, cfg_for):
+    cfg = load(tmp_path, cfg_for(tms={}))
+    assert cfg.tms["num_checkpoints"] == 10 and cfg.tms["alpha"] == 0.25
+
+
+def test_config_without_tms_is_untouched_by_the_plugin(tmp_path, cfg_for):
+    with_plugin = load(tmp_path, cfg_for())
+    plain_cfg = cfg_for()
+    del plain_cfg["plugins"]
+    (tmp_path / "plain").mkdir()
+    plain = load(tmp_path / "plain", plain_cfg)
+    assert "tms" not in with_plugin
+    ignore = {"plugins", "axolotl_config_path"}
+    a = {k: v for k, v in with_plugin.items() if k not in ignore}
+    b = {k: v for k, v in plain.items() if k not in ignore}
+    assert a.keys() == b.keys()
+    assert {k: str(v) for k, v in a.items()} == {k: str(v) for k, v in b.items()}
+
+
+BAD_VALUES = [
+    ({"alpha": 1.5}, ["tms.alpha", "1.5", "less than or equal to 1"]),
+    ({"alpha": -0.1}, ["tms.alpha", "-0.1", "greater than or equal to 0"]),
+    ({"num_checkpoints": 0}, ["tms.num_checkpoints", "0", "greater than or equal to 1"]),
+    ({"schedule": "online"}, ["tms.schedule", "online", "'offline' or 'iterative'"]),
+    ({"student_init": "random"}, ["tms.student_init", "random", "'base' or 'last_checkpoint'"]),
+    ({"generation": {"backend": "sglang"}}, ["tms.generation.backend", "sglang", "'hf' or 'vllm'"]),
+    ({"generation": {"temperature": 0}}, ["tms.generation.temperature", "0", "greater than 0"]),
+    ({"generation": {"top_p": 0}}, ["tms.generation.top_p", "0", "greater than 0"]),
+    ({"generation": {"top_p": 1.2}}, ["tms.generation.top_p", "1.2", "less than or equal to 1"]),
+    ({"generation": {"max_new_tokens": 0}}, ["tms.generation.max_new_tokens", "0", "greater than or equal to 1"]),
+    ({"seed": -3}, ["tms.seed", "-3", "greater than or equal to 0"]),
+    ({"sidecar": {"url": "not a url"}}, ["tms.sidecar.url", "not a url", "http(s)://host[:port]"]),
+    ({"sidecar": {"url": "http://127.0.0.1:99999"}}, ["tms.sidecar.url", "99999", "0-65535"]),
+    ({"sidecar": {"port": 70000}}, ["tms.sidecar.port", "70000", "less than or equal to 65535"]),
+    ({"sidecar": {"port": 0}}, ["tms.sidecar.port", "0", "greater than or equal to 1"]),
+    ({"sidecar": {"host": "0.0.0.0"}}, ["tms.sidecar", "0.0.0.0", "allow_remote"]),
+    ({"sidecar": {"url": "http://10.1.2.3:8000"}}, ["tms.sidecar", "10.1.2.3", "allow_remote"]),
+    ({"num_checkpionts": 4}, ["tms", "num_checkpionts", "Did you mean 'num_checkpoints'"]),
+    ({"generation": {"temprature": 0.5}}, ["tms.generation", "temprature", "Did you mean 'temperature'"]),
+]
+
+
+@pytest.mark.parametrize("tms,expected", BAD_VALUES, ids=[str(t) for t, _ in BAD_VALUES])
+def test_bad_value_is_rejected_with_key_value_and_allowed(tmp_path, cfg_for, tms, expected):
+    with pytest.raises(Exception) as excinfo:
+        load(tmp_path, cfg_for(tms=tms))
+    message = str(excinfo.value)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} missing from:\n{message}"
+
+
+def test_remote_host_accepted_with_explicit_opt_in(tmp_path, cfg_for):
+    cfg = load(tmp_path, cfg_for(tms={"sidecar": {"host": "0.0.0.0", "allow_remote": True}}))
+    assert cfg.tms["sidecar"]["host"] == "0.0.0.0"
+
+
+def test_tms_with_rl_is_rejected(tmp_path, cfg_for):
+    with pytest.raises(Exception) as excinfo:
+        load(tmp_path, cfg_for(tms={}, rl="grpo"))
+    assert "`tms:` cannot be combined with `rl: grpo`" in str(excinfo.value)
+
+
+def test_harvest_from_without_checkpoints_is_rejected(tmp_path, cfg_for):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "checkpoint-3").mkdir()  # a folder without weights does not count
+    with pytest.raises(Exception) as excinfo:
+        load(tmp_path, cfg_for(tms={"harvest_from": str(empty)}))
+    assert "harvest_from" in str(excinfo.value) and "holds no checkpoints" in str(excinfo.value)
+
+
+def test_harvest_from_missing_directory_is_rejected(tmp_path, cfg_for):
+    with pytest.raises(Exception) as excinfo:
+        load(tmp_path, cfg_for(tms={"harvest_from": str(tmp_path / "nope")}))
+    assert "is not a directory" in str(excinfo.value)
+
+
+def test_harvest_from_with_real_checkpoints_is_accepted(tmp_path, cfg_for, tiny_model_dir):
+    run = tmp_path / "sft_run"
+    for step in (2, 4):
+        shutil.copytree(tiny_model_dir, run / f"checkpoint-{step}")
+    cfg = load(tmp_path, cfg_for(tms={"harvest_from": str(run), "num_checkpoints": 2}))
+    assert cfg.tms["harvest_from"] == str(run.resolve())
+
+
+def test_plugin_keys_survive_only_when_plugins_are_prepared_first(tmp_path, cfg_for):
+    """The trap in the notes: validating before prepare_plugins drops plugin keys silently."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault(cfg_for(tms={"alpha": 0.5}))
+    dropped = validate_config(DictDefault(dict(cfg)))
+    assert dropped.get("tms") is None
+    from axolotl.utils.config import prepare_plugins
+
+    prepare_plugins(cfg)
+    kept = validate_config(cfg)
+    assert kept.tms["alpha"] == 0.5

@@ -1,0 +1,345 @@
+"""The `tms:` config block: one pydantic model that validates the block and documents it.
+
+Axolotl merges `TMSArgs` into its own config model (see `TMSPlugin.get_input_args`), so every
+check here runs when Axolotl loads the YAML, before any model or dataset is touched. The
+descriptions on the fields are the reference documentation (README's table is generated from
+them by `tms_axolotl_plugin.docs`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for names/addresses that never leave this machine."""
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Section(BaseModel):
+    """A `tms:` (sub)section: unknown keys are errors, with a did-you-mean hint."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                    hint = f" Did you mean '{close[0]}'?" if close else ""
+                    raise ValueError(
+                        f"unknown key '{key}' in this `tms` section.{hint} "
+                        f"Allowed keys: {', '.join(sorted(known))}."
+                    )
+        return data
+
+
+class GenerationConfig(_Section):
+    """How harvested checkpoints answer the training prompts (the regenerate stage)."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf",
+        description="Generation engine: `hf` = in-process transformers generate (CPU, small "
+        "models); `vllm` = an OpenAI-compatible vLLM server (see `tms.sidecar`).",
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0,
+        description="Sampling temperature. 1.0 samples the checkpoint's own policy, as the "
+        "method prescribes; must be > 0 (greedy decoding is not a sample).",
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Nucleus-sampling mass in (0, 1]. 1.0 keeps the full distribution.",
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap on generated answer tokens. Default: `sequence_len` minus the prompt "
+        "length, so every kept answer fits the training sequence.",
+    )
+    all_checkpoints: bool = Field(
+        default=False,
+        description="Generate an answer from every checkpoint for every prompt (T per prompt) "
+        "instead of only the (prompt, checkpoint) pairs the student will actually see.",
+    )
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Prompts per generate() call for the `hf` backend; requests per batch "
+        "item group for `vllm`.",
+    )
+
+
+class SidecarConfig(_Section):
+    """Where the vLLM server comes from when `generation.backend: vllm`.
+
+    Engine settings Axolotl's own `vllm:` block already has (tensor/data parallel size,
+    gpu_memory_utilization, dtype, max_model_len, enable_prefix_caching, enforce_eager) are read
+    from there. Host and port are not: Axolotl defaults `vllm.host` to 0.0.0.0, and this plugin
+    binds loopback unless told otherwise.
+    """
+
+    url: str | None = Field(
+        default=None,
+        description="Base URL of an already running vLLM server (e.g. http://127.0.0.1:8000). "
+        "When unset, the plugin launches one as a child process and stops it afterwards.",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface a launched server binds to. Loopback by default.",
+    )
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of a launched server (1-65535). Default: a free port chosen at launch.",
+    )
+    allow_remote: bool = Field(
+        default=False,
+        description="Opt-in required to bind a launched server to, or connect to, a "
+        "non-loopback address.",
+    )
+    python: str | None = Field(
+        default=None,
+        description="Python interpreter that has vLLM installed, used to launch the server "
+        "(`python -m vllm.entrypoints.openai.api_server`). Default: the trainer's own python.",
+    )
+    cuda_visible_devices: str | None = Field(
+        default=None,
+        description="CUDA_VISIBLE_DEVICES for a launched server, e.g. '3' to keep it on its "
+        "own GPU.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="Extra command-line arguments appended to the launched server's command.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables for a launched server.",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="API key sent as a bearer token. For a launched server one is generated "
+        "when unset.",
+    )
+    startup_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Seconds to wait for a launched server's /health before failing.",
+    )
+    request_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Timeout of one generation request, in seconds.",
+    )
+    max_retries: int = Field(
+        default=5,
+        ge=0,
+        description="Retries (with exponential backoff) of a failed request before giving up.",
+    )
+    concurrency: int = Field(
+        default=64,
+        ge=1,
+        description="Requests kept in flight at once, so the engine batches them.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        try:
+            port = parts.port  # raises on a non-numeric or out-of-range port
+        except ValueError as err:
+            raise ValueError(f"malformed sidecar url {url!r}: {err}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"malformed sidecar url {url!r}: expected http(s)://host[:port], "
+                "e.g. http://127.0.0.1:8000"
+            )
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"sidecar url {url!r}: port must be in 1..65535")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> SidecarConfig:
+        if self.allow_remote:
+            return self
+        hosts = [("tms.sidecar.host", self.host)]
+        if self.url:
+            hosts.append(("tms.sidecar.url", urlsplit(self.url).hostname or ""))
+        for key, host in hosts:
+            if not is_loopback_host(host):
+                raise ValueError(
+                    f"{key} is {host!r}, which is not a loopback address; the sidecar would be "
+                    "reachable from other machines. Use 127.0.0.1, or set "
+                    "`tms.sidecar.allow_remote: true` to opt in."
+                )
+        return self
+
+
+class PLDConfig(_Section):
+    """Policy-Label Divergence: held-out NLL of the static labels, logged during training."""
+
+    enabled: bool = Field(default=True, description="Log `tms/pld` and `tms/pld_drift`.")
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Compute PLD every this many optimizer steps. Default: Axolotl's eval "
+        "cadence (`eval_steps`/`evals_per_epoch`), else 10 times per run.",
+    )
+    heldout_size: float | None = Field(
+        default=None,
+        gt=0,
+        description="Held-out split used for PLD: a fraction (<1) or a count (>=1) of the "
+        "training examples. Default: Axolotl's `val_set_size`, else 0.05.",
+    )
+    max_examples: int = Field(
+        default=256,
+        ge=1,
+        description="Cap on held-out examples scored per PLD evaluation (bounds its cost).",
+    )
+
+
+class RetentionConfig(_Section):
+    """Retention probe: how well the model keeps the base model's behaviour off-task."""
+
+    enabled: bool = Field(default=True, description="Log `tms/retention_nll`.")
+    prompts: str | None = Field(
+        default=None,
+        description="Off-task prompts: a .txt (one per line) or .jsonl (`prompt` or `messages` "
+        "field) file. Default: the ~100 general prompts shipped with the plugin.",
+    )
+    max_prompts: int = Field(
+        default=100, ge=1, description="Cap on retention prompts scored per evaluation."
+    )
+    max_new_tokens: int = Field(
+        default=128, ge=1, description="Length of the base model's cached reference answers."
+    )
+    mc_path: str | None = Field(
+        default=None,
+        description="Optional MMLU-style .jsonl (`question`, `choices`, `answer` index) for "
+        "`tms/retention_mc_acc` by log-likelihood.",
+    )
+
+
+class TMSConfig(_Section):
+    """Trajectory-Mixed Supervision (arXiv 2602.03073): harvest, regenerate, train student."""
+
+    num_checkpoints: int = Field(
+        default=10,
+        ge=1,
+        description="T: checkpoints harvested from the SFT run, evenly spaced over its steps "
+        "(checkpoint t at step round(t*S/T); the last is the final model).",
+    )
+    alpha: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Probability that a student example keeps its original label; otherwise "
+        "its target is the answer of a checkpoint drawn uniformly from 1..T.",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        description="Seed of the mixture draws and of generation sampling.",
+    )
+    schedule: Literal["offline", "iterative"] = Field(
+        default="offline",
+        description="`offline`: TMS, answers from all T checkpoints. `iterative`: the "
+        "iterative-SFT baseline, answers from the last checkpoint only.",
+    )
+    student_init: Literal["base", "last_checkpoint"] = Field(
+        default="base",
+        description="Where the student starts: the base model, or the last harvested "
+        "checkpoint.",
+    )
+    harvest_from: str | None = Field(
+        default=None,
+        description="Directory of an existing SFT run (with checkpoint-<step> folders) to take "
+        "the T checkpoints from instead of training a harvest run.",
+    )
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig, description="Regeneration settings."
+    )
+    sidecar: SidecarConfig = Field(
+        default_factory=SidecarConfig,
+        description="vLLM server settings (used when `generation.backend: vllm`).",
+    )
+    pld: PLDConfig = Field(default_factory=PLDConfig, description="PLD logging.")
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig, description="Retention probe."
+    )
+
+    @field_validator("harvest_from")
+    @classmethod
+    def _harvest_dir_has_checkpoints(cls, path: str | None) -> str | None:
+        if path is None:
+            return path
+        from tms_axolotl_plugin.checkpoints import list_checkpoints  # no heavy imports
+
+        root = Path(path)
+        if not root.is_dir():
+            raise ValueError(f"harvest_from {path!r} is not a directory")
+        if not list_checkpoints(root):
+            raise ValueError(
+                f"harvest_from {path!r} holds no checkpoints: expected checkpoint-<step> "
+                "folders with model weights (model.safetensors / adapter_model.safetensors)"
+            )
+        return str(root.resolve())
+
+
+class TMSArgs(BaseModel):
+    """Merged into Axolotl's config model: adds the nested `tms:` key."""
+
+    tms: TMSConfig | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Trajectory-Mixed Supervision. Present = `axolotl train` runs "
+            "harvest, regenerate and student stages; absent = plain Axolotl."
+        },
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tms_is_sft_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tms") is not None:
+            if data.get("rl"):
+                raise ValueError(
+                    f"`tms:` cannot be combined with `rl: {data['rl']}`: TMS is a supervised "
+                    "fine-tuning method. Remove `rl:` (or the `tms:` block)."
+                )
+            if not isinstance(data["tms"], (dict, TMSConfig)):
+                raise ValueError(
+                    f"`tms:` must be a mapping of settings, got {type(data['tms']).__name__}"
+                )
+        return data
+
+
+def tms_config_from(cfg: Any) -> TMSConfig | None:
+    """The typed `tms` block of a (validated) Axolotl config, or None when absent."""
+    block = cfg.get("tms") if hasattr(cfg, "get") else None
+    if block is None:
+        return None
+    return block if isinstance(block, TMSConfig) else TMSConfig.model_validate(dict(block))

@@ -1,0 +1,71 @@
+"""LabelStore: the regenerated answers, one JSON line per (prompt, checkpoint).
+
+Append-only files, one per writer rank, flushed and fsynced per batch, so a run killed in the
+middle of regeneration keeps every finished item and a restart generates only the rest. A
+half-written last line (the kill landed mid-write) is dropped when the file is reopened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GeneratedLabel:
+    prompt_key: str  # digest of the prompt token ids
+    checkpoint: int  # 1..T
+    text: str
+    finish_reason: str  # "stop" (ended with EOS) or "length" (hit the token cap)
+    num_tokens: int  # generated tokens, EOS included
+    prompt_tokens: int
+
+    @property
+    def usable(self) -> bool:
+        """Reward-free hygiene: empty or truncated answers are not used as labels."""
+        return self.finish_reason == "stop" and bool(self.text.strip())
+
+
+class LabelStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _shard(self, rank: int) -> Path:
+        return self.directory / f"labels-rank{rank}.jsonl"
+
+    def load(self) -> dict[tuple[str, int], GeneratedLabel]:
+        """Every complete record from every shard, keyed by (prompt_key, checkpoint)."""
+        labels: dict[tuple[str, int], GeneratedLabel] = {}
+        for shard in sorted(self.directory.glob("labels-rank*.jsonl")):
+            for line in shard.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = GeneratedLabel(**json.loads(line))
+                except (json.JSONDecodeError, TypeError):
+                    continue  # the torn tail of a killed writer
+                labels.setdefault((record.prompt_key, record.checkpoint), record)
+        return labels
+
+    def append(self, rank: int, records: list[GeneratedLabel]) -> None:
+        if not records:
+            return
+        shard = self._shard(rank)
+        _drop_torn_tail(shard)
+        with open(shard, "a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a file back to its last newline, so appends never glue onto a partial record."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data.endswith(b"\n"):
+            return
+        handle.truncate(data.rfind(b"\n") + 1)
