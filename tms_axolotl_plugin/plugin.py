@@ -1,10 +1,18 @@
 """`TMSPlugin`: the glue between Axolotl's plugin hooks and the TMS stages.
 
 Every hook is a no-op for configs without a `tms:` block, so listing the plugin never changes a
-plain Axolotl run.
+plain Axolotl run. With a `tms:` block, one `axolotl train` runs the method:
+- `load_datasets` (outer run): data, harvest, draws, regeneration; then hands Axolotl the
+  student's mixture, so the outer run trains the student;
+- in the harvest child run (`TMS_STAGE=harvest`), `add_callbacks_post_trainer` adds the callback
+  that saves the T weights-only checkpoints;
+- `post_train_unload` (after the final model is saved) records that the student finished, so
+  a re-run skips it.
 """
 
 from __future__ import annotations
+
+import os
 
 from axolotl.integrations.base import BasePlugin
 
@@ -12,6 +20,12 @@ from tms_axolotl_plugin.config import tms_config_from
 from tms_axolotl_plugin.logs import get_logger
 
 LOG = get_logger(__name__)
+
+
+def _stage() -> str:
+    from tms_axolotl_plugin.harvest import STAGE_ENV
+
+    return os.environ.get(STAGE_ENV, "pipeline")
 
 
 class TMSPlugin(BasePlugin):
@@ -22,24 +36,32 @@ class TMSPlugin(BasePlugin):
 
     def register(self, cfg: dict):
         if cfg.get("tms") is not None:
-            LOG.info("tms: plugin registered; the `tms:` block is validated with the config")
+            LOG.info("tms: plugin registered (stage: %s)", _stage())
 
     def load_datasets(self, cfg, preprocess: bool = False):
         tms = tms_config_from(cfg)
-        if tms is None:
-            return None
-        LOG.info(
-            "tms: load_datasets hook (T=%d, alpha=%s, schedule=%s)",
-            tms.num_checkpoints,
-            tms.alpha,
-            tms.schedule,
-        )
-        return None
+        if tms is None or preprocess or _stage() == "harvest":
+            return None  # Axolotl loads the data itself
+        from tms_axolotl_plugin.pipeline import run_pipeline
 
-    def post_trainer_create(self, cfg, trainer):
-        if tms_config_from(cfg) is not None:
-            LOG.info("tms: post_trainer_create hook (trainer %s)", type(trainer).__name__)
+        return run_pipeline(cfg, tms)
 
-    def post_train(self, cfg, model):
-        if tms_config_from(cfg) is not None:
-            LOG.info("tms: post_train hook")
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        tms = tms_config_from(cfg)
+        if tms is None or _stage() != "harvest":
+            return []
+        from pathlib import Path
+
+        from tms_axolotl_plugin.harvest import HARVEST_DIRNAME, HarvestCheckpointCallback
+
+        directory = Path(cfg.output_dir) / HARVEST_DIRNAME
+        return [HarvestCheckpointCallback(trainer, tms.num_checkpoints, directory)]
+
+    def post_train_unload(self, cfg):
+        if tms_config_from(cfg) is None or _stage() == "harvest":
+            return
+        from tms_axolotl_plugin import ranks
+        from tms_axolotl_plugin.pipeline import mark_student_done
+
+        if ranks.rank() == 0:
+            mark_student_done(cfg)

@@ -1,0 +1,94 @@
+"""The harvest stage: a plain SFT run of the base model that keeps T evenly spaced checkpoints.
+
+It runs as its own `axolotl train` process on a derived config, so it is an ordinary Axolotl
+run in every respect (packing, attention, DeepSpeed/FSDP, loggers) and its output folder is the
+SFT baseline. Inside that run, `HarvestCheckpointCallback` saves the weights (no optimizer
+state) at steps round(t*S/T), t = 1..T.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from tms_axolotl_plugin.checkpoints import harvest_steps, list_checkpoints
+from tms_axolotl_plugin.errors import TMSError
+from tms_axolotl_plugin.logs import get_logger
+from tms_axolotl_plugin.ranks import clean_launch_env
+
+LOG = get_logger(__name__)
+
+STAGE_ENV = "TMS_STAGE"  # set to "harvest" in the harvest subprocess
+HARVEST_DIRNAME = "tms_checkpoints"
+
+
+class HarvestCheckpointCallback(TrainerCallback):
+    """Saves weights-only checkpoints at the T harvest steps of the run."""
+
+    def __init__(self, trainer, num_checkpoints: int, directory: Path):
+        self.trainer = trainer
+        self.num_checkpoints = num_checkpoints
+        self.directory = Path(directory)
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = set(harvest_steps(state.max_steps, self.num_checkpoints))
+        LOG.info("tms harvest: weights-only checkpoints at steps %s", sorted(self.steps))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            target = self.directory / f"checkpoint-{state.global_step}"
+            # save_model gathers sharded weights (DeepSpeed/FSDP), so every rank calls it.
+            self.trainer.save_model(str(target))
+            if state.is_world_process_zero:
+                LOG.info("tms harvest: saved %s", target)
+
+
+def harvested_checkpoints(harvest_dir: Path):
+    return list_checkpoints(Path(harvest_dir) / HARVEST_DIRNAME)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def harvest_command(config_path: Path, num_processes: int) -> list[str]:
+    """The same entry point `axolotl train` uses, with the launcher it would pick."""
+    if num_processes <= 1:
+        return [sys.executable, "-m", "axolotl.cli.train", str(config_path)]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(num_processes),
+        "--main_process_port", str(free_port()),
+        "-m", "axolotl.cli.train", str(config_path),
+    ]
+
+
+def run_harvest(config_path: Path, num_processes: int, log_path: Path) -> None:
+    """Run the harvest training in a child process; its output goes to the console and a log."""
+    command = harvest_command(config_path, num_processes)
+    LOG.info("tms harvest: %s (log: %s)", " ".join(command), log_path)
+    env = clean_launch_env({STAGE_ENV: "harvest"})
+    with open(log_path, "a", encoding="utf-8") as log:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            code = process.wait()
+        except BaseException:
+            process.terminate()
+            process.wait(timeout=60)
+            raise
+    if code != 0:
+        raise TMSError(
+            f"the harvest SFT run failed (exit code {code}); see {log_path}. Fix the cause and "
+            "run the same command again: finished stages are kept."
+        )

@@ -1,0 +1,397 @@
+"""The TMS method from one `axolotl train`: prepare data, harvest, draw, regenerate, student.
+
+`run_pipeline` runs inside Axolotl's `load_datasets` hook of the outer run. It finishes (or
+skips, by fingerprint) the stages before the student, then rewrites the run's config so that
+the outer run itself trains the student through Axolotl's ordinary dataset and training path.
+
+Layout under `<output_dir>/tms/`:
+    data/       train and held-out rows, named by the data fingerprint
+    harvest-<fingerprint>/  the harvest SFT run (the SFT baseline); weights-only checkpoints
+                in tms_checkpoints/checkpoint-<step>
+    labels/<generation fingerprint>/   the LabelStore
+    student/    the student's mixture files and a record of its stats
+    stages.json one line of state per stage: fingerprint and summary
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tms_axolotl_plugin import ranks
+from tms_axolotl_plugin.checkpoints import list_checkpoints, select_evenly_spaced
+from tms_axolotl_plugin.config import TMSConfig
+from tms_axolotl_plugin.draws import DrawPlan, draw_targets
+from tms_axolotl_plugin.errors import TMSConfigError, TMSError
+from tms_axolotl_plugin.fingerprint import fingerprint, model_dir_digest
+from tms_axolotl_plugin.generation import GenerationRequest, SamplingSettings
+from tms_axolotl_plugin.harvest import HARVEST_DIRNAME, harvested_checkpoints, run_harvest
+from tms_axolotl_plugin.label_store import LabelStore
+from tms_axolotl_plugin.logs import get_logger
+from tms_axolotl_plugin.mixture import build_student_rows
+from tms_axolotl_plugin.regenerate import regenerate
+from tms_axolotl_plugin.training_examples import (
+    TrainingExample,
+    check_supported,
+    dataset_entry_for,
+    load_training_examples,
+    write_rows,
+)
+
+LOG = get_logger(__name__)
+
+# Config keys that only say where outputs go or how they are reported: not part of any
+# stage's fingerprint.
+NON_DETERMINING_KEYS = {"output_dir", "dataset_prepared_path", "wandb_name", "wandb_run_id",
+                        "wandb_project", "wandb_entity", "use_tensorboard", "logging_steps",
+                        "report_to", "hub_model_id", "push_to_hub", "tms",
+                        "auto_resume_from_checkpoints", "resume_from_checkpoint",
+                        "dataloader_num_workers", "dataloader_prefetch_factor",
+                        "dataloader_pin_memory"}
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def harvest(self, harvest_fp: str) -> Path:
+        return self.root / f"harvest-{harvest_fp}"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def markers(self) -> Path:
+        return self.root / "markers"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages.json"
+
+
+def read_stages(paths: StagePaths) -> dict[str, Any]:
+    return json.loads(paths.stages.read_text()) if paths.stages.exists() else {}
+
+
+def record_stage(paths: StagePaths, name: str, **state: Any) -> None:
+    """Rank 0 only: remember a stage's fingerprint and summary."""
+    stages = read_stages(paths)
+    stages[name] = state
+    tmp = paths.stages.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stages, indent=2, sort_keys=True))
+    tmp.replace(paths.stages)
+
+
+def _summary(stage: str, message: str) -> None:
+    LOG.info("tms %-10s %s", stage + ":", message)
+
+
+def raw_config(cfg: Any) -> dict[str, Any]:
+    """The user's YAML as written (validated configs carry derived keys that do not round-trip)."""
+    path = cfg.get("axolotl_config_path")
+    if not path or not Path(path).exists():
+        raise TMSError("cannot find the config file this run was started with")
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def check_trainable(cfg: Any) -> None:
+    check_supported(cfg.datasets)
+    if cfg.train_on_inputs:
+        raise TMSConfigError(
+            "`train_on_inputs: true` trains the prompt too, so TMS cannot tell prompt from "
+            "answer; set it to false"
+        )
+    if cfg.test_datasets:
+        raise TMSConfigError(
+            "`test_datasets` is not supported with `tms:`: the plugin holds out its own split "
+            "(`val_set_size` or `tms.pld.heldout_size`) so that the harvest and student runs "
+            "are evaluated on the same examples"
+        )
+    epochs = cfg.num_epochs or 1
+    if float(epochs) != int(epochs):
+        raise TMSConfigError(f"TMS needs a whole number of epochs; num_epochs is {epochs}")
+
+
+def heldout_count(cfg: Any, tms: TMSConfig, num_examples: int) -> int:
+    size = tms.pld.heldout_size or cfg.val_set_size or (0.05 if tms.pld.enabled else 0)
+    count = int(size) if size >= 1 else int(math.ceil(size * num_examples))
+    if count >= num_examples:
+        raise TMSConfigError(f"the held-out split ({count}) leaves no training examples")
+    return count
+
+
+def split_heldout(examples: list[TrainingExample], count: int, seed: int):
+    order = np.random.default_rng(seed).permutation(len(examples))
+    heldout = set(order[:count].tolist())
+    train = [e for i, e in enumerate(examples) if i not in heldout]
+    held = [e for i, e in enumerate(examples) if i in heldout]
+    return train, held
+
+
+def rows_by_dataset(examples: list[TrainingExample], num_datasets: int) -> list[list[dict]]:
+    grouped: list[list[dict]] = [[] for _ in range(num_datasets)]
+    for example in examples:
+        grouped[example.dataset_index].append(example.row)
+    return grouped
+
+
+def write_dataset_files(directory: Path, stem: str, grouped_rows: list[list[dict]],
+                        dataset_configs: list[Any]) -> list[dict[str, Any]]:
+    """One JSONL per `datasets:` entry; returns the `datasets:` entries that read them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, rows in enumerate(grouped_rows):
+        if not rows:
+            continue
+        path = directory / f"{stem}-{index}.jsonl"
+        if ranks.rank() == 0 and not path.exists():
+            write_rows(path, rows)
+        entries.append(dataset_entry_for(dataset_configs[index], path))
+    return entries
+
+
+def _training_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg_dict.items() if k not in NON_DETERMINING_KEYS}
+
+
+class Pipeline:
+    def __init__(self, cfg: Any, tms: TMSConfig):
+        self.cfg = cfg
+        self.tms = tms
+        self.paths = StagePaths(Path(cfg.output_dir) / "tms")
+        self.dataset_configs = list(cfg.datasets)
+        self.epochs = int(cfg.num_epochs or 1)
+
+    # -- stage 0: data ---------------------------------------------------------------------
+    def prepare_data(self, tokenizer) -> None:
+        check_trainable(self.cfg)
+        examples = load_training_examples(self.cfg, tokenizer)
+        self.data_fp = fingerprint(
+            [e.row for e in examples], [dict(d) for d in self.dataset_configs],
+            tokenizer.name_or_path, getattr(tokenizer, "chat_template", None),
+            self.cfg.sequence_len, self.cfg.chat_template,
+        )
+        count = heldout_count(self.cfg, self.tms, len(examples))
+        self.train, self.heldout = split_heldout(examples, count, self.cfg.seed or 0)
+        n = len(self.dataset_configs)
+        stem = f"{self.data_fp}"
+        self.train_entries = write_dataset_files(
+            self.paths.data, f"train-{stem}", rows_by_dataset(self.train, n), self.dataset_configs)
+        self.heldout_entries = write_dataset_files(
+            self.paths.data, f"heldout-{stem}", rows_by_dataset(self.heldout, n),
+            self.dataset_configs)
+        unusable = sum(not e.usable for e in self.train)
+        _summary("data", f"{len(self.train)} training examples ({unusable} without a separable "
+                 f"answer), {len(self.heldout)} held out; fingerprint {self.data_fp}")
+
+    # -- stage 1: harvest ------------------------------------------------------------------
+    def harvest(self) -> dict[int, Path]:
+        T = self.tms.num_checkpoints
+        if self.tms.harvest_from:
+            chosen = select_evenly_spaced(list_checkpoints(Path(self.tms.harvest_from)), T)
+            self.harvest_fp = fingerprint([model_dir_digest(c.path) for c in chosen])
+            _summary("harvest", f"skipped: taking {T} checkpoints from {self.tms.harvest_from} "
+                     f"(steps {[c.step for c in chosen]})")
+            return {t: c.path for t, c in enumerate(chosen, start=1)}
+
+        raw = raw_config(self.cfg)
+        harvest_cfg = {
+            **raw,
+            "datasets": self.train_entries,
+            "val_set_size": 0,
+            "auto_resume_from_checkpoints": True,
+        }
+        if self.heldout_entries:
+            harvest_cfg["test_datasets"] = self.heldout_entries
+        self.harvest_fp = fingerprint(_training_signature(harvest_cfg), T, self.data_fp)
+        harvest_dir = self.paths.harvest(self.harvest_fp)
+        harvest_cfg["output_dir"] = str(harvest_dir)
+        done = self.paths.markers / f"harvest-{self.harvest_fp}.done"
+        if done.exists():
+            _summary("harvest", f"skipped: finished earlier (fingerprint {self.harvest_fp})")
+        else:
+            def work():
+                harvest_dir.mkdir(parents=True, exist_ok=True)
+                config_path = harvest_dir / "harvest_config.yml"
+                config_path.write_text(yaml.safe_dump(harvest_cfg, sort_keys=False))
+                run_harvest(config_path, ranks.world_size(), harvest_dir / "harvest.log")
+                found = harvested_checkpoints(harvest_dir)
+                if len(found) < T:
+                    raise TMSError(f"the harvest run left {len(found)} of {T} checkpoints in "
+                                   f"{harvest_dir / HARVEST_DIRNAME}")
+                record_stage(self.paths, "harvest", fingerprint=self.harvest_fp,
+                             output_dir=str(harvest_dir), steps=[c.step for c in found])
+                _summary("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
+
+            ranks.main_does_then_all_wait(self.paths.markers, "harvest", work, done)
+        found = harvested_checkpoints(harvest_dir)
+        return {t: c.path for t, c in enumerate(found[-T:], start=1)}
+
+    # -- stage 2: draws and regeneration ---------------------------------------------------
+    def draw(self) -> DrawPlan:
+        plan = draw_targets(len(self.train), self.epochs, self.tms.num_checkpoints,
+                            self.tms.alpha, self.tms.seed, self.tms.schedule,
+                            self.tms.generation.all_checkpoints)
+        s = plan.savings()
+        _summary("draws", f"{self.epochs} epoch(s) x {len(self.train)} examples, original label "
+                 f"kept {plan.label_fraction():.1%}; {s['generations']} generations needed vs "
+                 f"{s['all_checkpoints_generations']} for all T ({s['saved']} saved, "
+                 f"{s['per_prompt']:.2f} per prompt)")
+        return plan
+
+    def requests(self, plan: DrawPlan) -> list[GenerationRequest]:
+        cap = self.tms.generation.max_new_tokens or self.cfg.sequence_len
+        seen, requests = set(), []
+        for index, t in plan.needed_pairs():
+            example = self.train[index]
+            room = self.cfg.sequence_len - len(example.prompt_ids)
+            if not example.usable or room < 1 or (example.key, t) in seen:
+                continue
+            seen.add((example.key, t))
+            requests.append(GenerationRequest(example.key, t, tuple(example.prompt_ids),
+                                              min(cap, room)))
+        return requests
+
+    def generation_fp(self) -> str:
+        g = self.tms.generation
+        return fingerprint(self.harvest_fp, self.data_fp, g.backend, g.temperature, g.top_p,
+                           g.max_new_tokens, self.cfg.sequence_len)
+
+    def regenerate(self, plan: DrawPlan, checkpoints: dict[int, Path]) -> LabelStore:
+        requests = self.requests(plan)
+        store = LabelStore(self.paths.labels / self.generation_fp())
+        work_fp = fingerprint(sorted((r.prompt_key, r.checkpoint) for r in requests))
+        world = ranks.world_size()
+        markers = [store.directory / f"done-{work_fp}-{r}-of-{world}" for r in range(world)]
+        if all(m.exists() for m in markers):
+            _summary("regenerate", f"skipped: all {len(requests)} answers stored "
+                     f"({store.directory.name})")
+            return store
+        try:
+            backend = self._backend()
+            settings = SamplingSettings(self.tms.generation.temperature, self.tms.generation.top_p)
+            report = regenerate(requests, checkpoints, backend, settings, store,
+                                ranks.rank(), world)
+            backend.close()
+        except BaseException as error:
+            ranks.record_failure(self.paths.markers, "regenerate", error)
+            raise
+        markers[ranks.rank()].touch()
+        _summary("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
+                 f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
+                 f"{report.already_stored} already stored")
+        ranks.wait_for(markers, self.paths.markers, "regenerate")
+        return store
+
+    def _backend(self):
+        g = self.tms.generation
+        if g.backend == "hf":
+            from tms_axolotl_plugin.generation import HFGenerator
+
+            dtype = "bfloat16" if self.cfg.bf16 is True else "float32" if self.cfg.bf16 is False and not self.cfg.fp16 else "auto"
+            return HFGenerator(g.batch_size, dtype=dtype, base_model=self.cfg.base_model)
+        from tms_axolotl_plugin.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator.from_config(self.cfg, self.tms)
+
+    # -- stage 3: student ------------------------------------------------------------------
+    def student(self, plan: DrawPlan, store: LabelStore, checkpoints: dict[int, Path]) -> str:
+        labels = store.load()
+        rows, stats = build_student_rows(self.train, plan, labels, self.dataset_configs)
+        g = self.tms.generation
+        student_fp = fingerprint(
+            self.generation_fp(), plan.targets.tolist(), self.tms.student_init,
+            _training_signature(raw_config(self.cfg)), g.all_checkpoints,
+        )
+        entries = write_dataset_files(self.paths.student, f"mixture-{student_fp}", rows,
+                                      self.dataset_configs)
+        ranks.wait_for([Path(e["path"]) for e in entries], self.paths.markers, "student")
+        if ranks.rank() == 0:
+            (self.paths.student / f"mixture-{student_fp}.stats.json").write_text(
+                json.dumps(stats.as_dict(), indent=2))
+        _summary("mixture", f"{stats.rows} rows: {stats.original_labels} original labels, "
+                 f"{sum(stats.by_checkpoint.values())} regenerated; fallbacks to the original "
+                 f"label: {stats.fallback_empty} empty, {stats.fallback_truncated} truncated")
+        self._point_run_at_student(entries, checkpoints)
+        return student_fp
+
+    def _point_run_at_student(self, entries: list[dict], checkpoints: dict[int, Path]) -> None:
+        from axolotl.utils.dict import DictDefault
+
+        cfg = self.cfg
+        cfg.datasets = [DictDefault(e) for e in entries]
+        cfg.test_datasets = [DictDefault(e) for e in self.heldout_entries] or None
+        cfg.val_set_size = 0
+        cfg.num_epochs = 1  # the epoch blocks are laid out in the mixture file
+        cfg.auto_resume_from_checkpoints = True
+        if self.tms.student_init == "last_checkpoint":
+            last = checkpoints[max(checkpoints)]
+            if cfg.adapter:
+                cfg.lora_model_dir = str(last)
+            else:
+                cfg.base_model = str(last)
+                cfg.base_model_config = str(last)
+
+    def set_aside_stale_student(self, student_fp: str) -> None:
+        """Checkpoints of a student trained on other data must not be resumed: move them."""
+        state = read_stages(self.paths).get("student", {})
+        old = state.get("fingerprint")
+        if old in (None, student_fp):
+            return
+        stale = [p for p in Path(self.cfg.output_dir).glob("checkpoint-*") if p.is_dir()]
+        if stale:
+            keep = self.paths.root / f"previous-student-{old}"
+            keep.mkdir(parents=True, exist_ok=True)
+            for path in stale:
+                shutil.move(str(path), keep / path.name)
+            _summary("student", f"moved {len(stale)} checkpoints of the previous student "
+                     f"({old}) to {keep}")
+
+
+def run_pipeline(cfg: Any, tms: TMSConfig):
+    """Finish the stages before the student; return the student's TrainDatasetMeta."""
+    from axolotl.common.datasets import load_datasets
+    from axolotl.loaders import load_tokenizer
+
+    pipeline = Pipeline(cfg, tms)
+    pipeline.paths.markers.mkdir(parents=True, exist_ok=True)
+    pipeline.prepare_data(load_tokenizer(cfg))
+    checkpoints = pipeline.harvest()
+    plan = pipeline.draw()
+    store = pipeline.regenerate(plan, checkpoints)
+    student_fp = pipeline.student(plan, store, checkpoints)
+
+    stages = read_stages(pipeline.paths)
+    if stages.get("student", {}) == {"fingerprint": student_fp, "status": "done"}:
+        _summary("student", f"skipped: finished earlier (fingerprint {student_fp}); nothing "
+                 "left to do")
+        raise SystemExit(0)
+    if ranks.rank() == 0:
+        pipeline.set_aside_stale_student(student_fp)
+        record_stage(pipeline.paths, "student", fingerprint=student_fp, status="running")
+    _summary("student", f"training on the mixture (fingerprint {student_fp}, init "
+             f"{tms.student_init})")
+    return load_datasets(cfg=cfg)
+
+
+def mark_student_done(cfg: Any) -> None:
+    paths = StagePaths(Path(cfg.output_dir) / "tms")
+    state = read_stages(paths).get("student")
+    if state and state.get("status") == "running":
+        record_stage(paths, "student", fingerprint=state["fingerprint"], status="done")
