@@ -90,17 +90,28 @@ def test_smollm2_dir_generates_exactly_like_the_gguf(smollm2_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def greedy(model, tokenizer) -> tuple[list[int], list[int]]:
-        ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(
-                **ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    # "What is 2+3?" is answered in six tokens ("2 + 3 = 5<|im_end|>"); the second prompt runs
+    # the full 20 tokens so that the comparison covers a longer greedy path.
+    prompts = [PROMPT, [{"role": "user", "content": "Explain photosynthesis in one paragraph."}]]
+
+    def run(model, tokenizer) -> list[tuple[list[int], list[int], torch.Tensor]]:
+        results = []
+        for messages in prompts:
+            batch = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
-        return ids["input_ids"][0].tolist(), out[0, ids["input_ids"].shape[1] :].tolist()
+            with torch.no_grad():
+                logits = model(**batch).logits[0, -1]
+                out = model.generate(
+                    **batch, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            prompt_ids = batch["input_ids"][0].tolist()
+            results.append((prompt_ids, out[0, len(prompt_ids) :].tolist(), logits))
+        return results
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_model_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_model_dir).eval()
-    prompt_ids, converted = greedy(model, tokenizer)
+    converted = run(model, tokenizer)
     del model
     gc.collect()
 
@@ -109,16 +120,20 @@ def test_smollm2_dir_generates_exactly_like_the_gguf(smollm2_model_dir):
     gguf_model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     ).eval()
-    gguf_prompt_ids, reference = greedy(gguf_model, gguf_tokenizer)
+    reference = run(gguf_model, gguf_tokenizer)
     del gguf_model
     gc.collect()
 
-    assert prompt_ids == gguf_prompt_ids
-    assert len(converted) > 0
-    assert converted == reference
-    text = tokenizer.decode(converted, skip_special_tokens=True)
-    assert text == gguf_tokenizer.decode(reference, skip_special_tokens=True)
-    assert text.strip(), "the model produced only special tokens"
+    for ours, theirs in zip(converted, reference, strict=True):
+        (prompt_ids, new_ids, logits), (ref_prompt_ids, ref_new_ids, ref_logits) = ours, theirs
+        assert prompt_ids == ref_prompt_ids
+        assert new_ids == ref_new_ids
+        assert torch.equal(logits, ref_logits)
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        assert text == gguf_tokenizer.decode(ref_new_ids, skip_special_tokens=True)
+        assert text.strip(), "the model produced only special tokens"
+    assert "5" in tokenizer.decode(converted[0][1])
+    assert len(converted[1][1]) == 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +162,9 @@ def test_tiny_llama_shape_and_tokenizer(tiny_model_dir):
     assert tokenizer.eos_token == "<|im_end|>"
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
 
-    batch = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    batch = tokenizer.apply_chat_template(
+        PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (1, batch["input_ids"].shape[1], 49152)

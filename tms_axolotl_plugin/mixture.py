@@ -20,7 +20,9 @@ from tms_axolotl_plugin.draws import LABEL, DrawPlan
 from tms_axolotl_plugin.label_store import GeneratedLabel
 from tms_axolotl_plugin.training_examples import TrainingExample, with_answer
 
-TARGET_FIELD = "tms_target"  # 0 = original label, t = checkpoint t; kept in rows for audits
+# Kept in the rows for audits (Axolotl drops unknown columns when it tokenizes):
+DRAW_FIELD = "tms_draw"  # what the draw chose: 0 = original label, t = checkpoint t
+TARGET_FIELD = "tms_target"  # what was trained on, after the hygiene fallback
 
 
 @dataclass
@@ -54,7 +56,8 @@ def build_student_rows(
     stats = MixtureStats()
     for epoch in range(plan.num_epochs):
         for index, example in enumerate(examples):
-            target = int(plan.targets[index, epoch]) if example.usable else LABEL
+            draw = int(plan.targets[index, epoch])
+            target = draw if example.usable else LABEL
             if not example.usable:
                 stats.unusable_examples += epoch == 0
             row = example.row
@@ -73,7 +76,7 @@ def build_student_rows(
                     else:
                         stats.fallback_empty += 1
                     target = LABEL
-            rows[example.dataset_index].append({**row, TARGET_FIELD: target})
+            rows[example.dataset_index].append({**row, DRAW_FIELD: draw, TARGET_FIELD: target})
             stats.rows += 1
             if target == LABEL:
                 stats.original_labels += 1

@@ -308,7 +308,7 @@ def _init_tiny_llama_weights(model, seed: int) -> None:
     std = model.config.initializer_range
     with torch.no_grad():
         # named_parameters() lists a tied lm_head once (as the embedding), as wanted.
-        for name, param in sorted(model.named_parameters()):
+        for _name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             if param.ndim == 1:
                 param.fill_(1.0)
             else:

@@ -176,6 +176,8 @@ class Pipeline:
         self.tms = tms
         self.paths = StagePaths(Path(cfg.output_dir) / "tms")
         self.dataset_configs = list(cfg.datasets)
+        # Entries as the user wrote them: derived datasets are written back to YAML.
+        self.raw_dataset_entries = raw_config(cfg).get("datasets") or []
         self.epochs = int(cfg.num_epochs or 1)
 
     # -- stage 0: data ---------------------------------------------------------------------
@@ -192,10 +194,11 @@ class Pipeline:
         n = len(self.dataset_configs)
         stem = f"{self.data_fp}"
         self.train_entries = write_dataset_files(
-            self.paths.data, f"train-{stem}", rows_by_dataset(self.train, n), self.dataset_configs)
+            self.paths.data, f"train-{stem}", rows_by_dataset(self.train, n),
+            self.raw_dataset_entries)
         self.heldout_entries = write_dataset_files(
             self.paths.data, f"heldout-{stem}", rows_by_dataset(self.heldout, n),
-            self.dataset_configs)
+            self.raw_dataset_entries)
         unusable = sum(not e.usable for e in self.train)
         _summary("data", f"{len(self.train)} training examples ({unusable} without a separable "
                  f"answer), {len(self.heldout)} held out; fingerprint {self.data_fp}")
@@ -320,7 +323,7 @@ class Pipeline:
             _training_signature(raw_config(self.cfg)), g.all_checkpoints,
         )
         entries = write_dataset_files(self.paths.student, f"mixture-{student_fp}", rows,
-                                      self.dataset_configs)
+                                      self.raw_dataset_entries)
         ranks.wait_for([Path(e["path"]) for e in entries], self.paths.markers, "student")
         if ranks.rank() == 0:
             (self.paths.student / f"mixture-{student_fp}.stats.json").write_text(
