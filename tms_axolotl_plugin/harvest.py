@@ -59,13 +59,17 @@ def free_port() -> int:
 
 
 def harvest_command(config_path: Path, num_processes: int) -> list[str]:
-    """The same entry point `axolotl train` uses, with the launcher it would pick."""
+    """The entry point `axolotl train` runs, on as many processes as the outer run has.
+
+    Several processes are started with torchrun (what `accelerate launch --multi_gpu` runs),
+    which also works on CPU; Axolotl sets the DeepSpeed/FSDP environment itself from the config.
+    """
     if num_processes <= 1:
         return [sys.executable, "-m", "axolotl.cli.train", str(config_path)]
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(num_processes),
-        "--main_process_port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(num_processes),
+        "--master_port", str(free_port()),
         "-m", "axolotl.cli.train", str(config_path),
     ]
 

@@ -47,9 +47,9 @@ from tms_axolotl_plugin.training_examples import (
 
 LOG = get_logger(__name__)
 
-# Config keys that only say where outputs go or how they are reported: not part of any
-# stage's fingerprint.
-NON_DETERMINING_KEYS = {"output_dir", "dataset_prepared_path", "wandb_name", "wandb_run_id",
+# Config keys that only say where outputs go or how they are reported, or whose content the
+# data fingerprint already covers: not part of any stage's fingerprint.
+NON_DETERMINING_KEYS = {"output_dir", "datasets", "test_datasets", "dataset_prepared_path", "wandb_name", "wandb_run_id",
                         "wandb_project", "wandb_entity", "use_tensorboard", "logging_steps",
                         "report_to", "hub_model_id", "push_to_hub", "tms",
                         "auto_resume_from_checkpoints", "resume_from_checkpoint",

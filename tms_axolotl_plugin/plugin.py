@@ -36,6 +36,9 @@ class TMSPlugin(BasePlugin):
 
     def register(self, cfg: dict):
         if cfg.get("tms") is not None:
+            from tms_axolotl_plugin.compat import allow_multiprocess_cpu
+
+            allow_multiprocess_cpu()
             LOG.info("tms: plugin registered (stage: %s)", _stage())
 
     def load_datasets(self, cfg, preprocess: bool = False):
@@ -45,6 +48,12 @@ class TMSPlugin(BasePlugin):
         from tms_axolotl_plugin.pipeline import run_pipeline
 
         return run_pipeline(cfg, tms)
+
+    def pre_model_load(self, cfg):
+        if tms_config_from(cfg) is not None:
+            from tms_axolotl_plugin.compat import cpu_device_map
+
+            cpu_device_map(cfg)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         tms = tms_config_from(cfg)
