@@ -44,7 +44,7 @@ echo "env.sh: building $kind env at $env (one time, several minutes)" >&2
 rm -rf "$env"
 uv=$(uv_bin)
 export UV_HTTP_TIMEOUT=600
-"$uv" venv -q --python "$py" "$env" >&2
+"$uv" venv -q --seed --python "$py" "$env" >&2
 case "$kind" in
   trainer)
     "$uv" pip install --python "$env/bin/python" -r "$repo/requirements/trainer.txt" >&2

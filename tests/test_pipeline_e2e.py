@@ -293,3 +293,23 @@ def test_student_init_last_checkpoint_starts_from_the_harvested_model(
     harvest_log = (Path(stages(source)["harvest"]["output_dir"]) / "harvest.log").read_text()
     assert first_logged_loss(proc.stdout.split("tms student:")[-1]) < 0.5 * first_logged_loss(
         harvest_log)
+
+
+def test_two_process_run_gives_the_same_student_mixture(full_run, tmp_path, tiny_model_dir,
+                                                        short_answer_data):
+    source, _ = full_run
+    copy_run(source, tmp_path)  # harvest done; regeneration and student run on two ranks
+    config = make_config(tmp_path, tiny_model_dir, short_answer_data, tms_block())
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "-m", "axolotl.cli.train"]
+    proc = run_axolotl_train(config, timeout=1200, launcher=launcher)
+    assert_ok(proc)
+    # Generation was split between the ranks, not duplicated.
+    counts = [int(n) for n in re.findall(r"rank \d: (\d+) answers generated", proc.stdout)]
+    assert len(counts) == 2 and all(counts)
+    stored = Counter((r["prompt_key"], r["checkpoint"]) for r in store_records(tmp_path))
+    assert max(stored.values()) == 1 and sum(counts) == len(stored)
+    # Same draws, same answers: the same rows as the one-process run, in the same order.
+    assert stages(tmp_path)["student"]["fingerprint"] == stages(source)["student"]["fingerprint"]
+    assert mixture_rows(tmp_path) == mixture_rows(source)
+    assert stages(tmp_path)["student"]["status"] == "done"

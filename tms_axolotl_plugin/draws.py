@@ -75,6 +75,8 @@ def draw_targets(
     """
     if num_examples < 0 or num_epochs < 1 or num_checkpoints < 1:
         raise ValueError("need num_examples >= 0, num_epochs >= 1 and num_checkpoints >= 1")
+    if not 0.0 <= alpha <= 1.0:  # also rejects NaN, which would silently mean "never a label"
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     coin_rng, checkpoint_rng = (
         np.random.Generator(np.random.PCG64(seq))
         for seq in np.random.SeedSequence(seed).spawn(2)

@@ -44,7 +44,7 @@ class HarvestCheckpointCallback(TrainerCallback):
             target = self.directory / f"checkpoint-{state.global_step}"
             # save_model gathers sharded weights (DeepSpeed/FSDP), so every rank calls it.
             self.trainer.save_model(str(target))
-            if state.is_world_process_zero:
+            if self.trainer.is_world_process_zero():
                 LOG.info("tms harvest: saved %s", target)
 
 

@@ -40,10 +40,13 @@ class LabelStore:
         """Every complete record from every shard, keyed by (prompt_key, checkpoint)."""
         labels: dict[tuple[str, int], GeneratedLabel] = {}
         for shard in sorted(self.directory.glob("labels-rank*.jsonl")):
-            for line in shard.read_text(encoding="utf-8").splitlines():
+            # Bytes split on "\n" only: splitlines() also breaks at U+2028 etc. (json.dumps
+            # leaves them unescaped), and a kill can cut a UTF-8 character in the tail. The
+            # unterminated tail is skipped: the next append cuts it.
+            for line in shard.read_bytes().split(b"\n")[:-1]:
                 try:
                     record = GeneratedLabel(**json.loads(line))
-                except (json.JSONDecodeError, TypeError):
+                except (ValueError, TypeError):
                     continue  # the torn tail of a killed writer
                 labels.setdefault((record.prompt_key, record.checkpoint), record)
         return labels

@@ -43,17 +43,16 @@ class TMSPlugin(BasePlugin):
 
     def load_datasets(self, cfg, preprocess: bool = False):
         tms = tms_config_from(cfg)
-        if tms is None or preprocess or _stage() == "harvest":
+        if tms is None:
+            return None
+        from tms_axolotl_plugin.compat import cpu_device_map
+
+        cpu_device_map(cfg)  # before the model loader reads it
+        if preprocess or _stage() == "harvest":
             return None  # Axolotl loads the data itself
         from tms_axolotl_plugin.pipeline import run_pipeline
 
         return run_pipeline(cfg, tms)
-
-    def pre_model_load(self, cfg):
-        if tms_config_from(cfg) is not None:
-            from tms_axolotl_plugin.compat import cpu_device_map
-
-            cpu_device_map(cfg)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         tms = tms_config_from(cfg)
