@@ -44,7 +44,7 @@ def config(model: Path, data: Path, out: Path, tms: bool) -> dict:
     }
     if tms:
         cfg["plugins"] = ["tms_axolotl_plugin.TMSPlugin"]
-        cfg["tms"] = {"num_checkpoints": 2, "pld": {"enabled": False},
+        cfg["tms"] = {"num_checkpoints": 2, "pld": {"enabled": False}, "retention": {"enabled": False},
                       "generation": {"max_new_tokens": 192, "batch_size": 16}}
     return cfg
 

@@ -74,6 +74,21 @@ def small_chat_dataset(tmp_path, gsm8k_train) -> Path:
     return out
 
 
+SHORT_ANSWER_ROWS = 40
+
+
+@pytest.fixture(scope="session")
+def short_answer_data(tmp_path_factory, gsm8k_train) -> Path:
+    """GSM8K questions with one-line answers, so a tiny model learns to stop (emit EOS) fast."""
+    path = tmp_path_factory.mktemp("data") / "gsm8k_short.jsonl"
+    rows = read_jsonl(gsm8k_train)[:SHORT_ANSWER_ROWS]
+    with open(path, "w") as handle:
+        for row in rows:
+            row["messages"][1]["content"] = f"The answer is {row['final_answer']}."
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
 def base_config(model_dir: Path, dataset: Path, output_dir: Path, **overrides) -> dict:
     """A small, valid CPU SFT config (chat_template data, sample packing on)."""
     cfg = {

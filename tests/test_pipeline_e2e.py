@@ -37,6 +37,7 @@ def tms_block(**overrides) -> dict:
         "alpha": ALPHA,
         "seed": 11,
         "pld": {"enabled": False},
+        "retention": {"enabled": False},
         "generation": {"max_new_tokens": 12, "batch_size": 8},
     }
     for key, value in overrides.items():
@@ -45,18 +46,6 @@ def tms_block(**overrides) -> dict:
         else:
             block[key] = value
     return block
-
-
-@pytest.fixture(scope="module")
-def short_answer_data(tmp_path_factory, gsm8k_train) -> Path:
-    """GSM8K questions with one-line answers, so a tiny model learns to stop (emit EOS) fast."""
-    path = tmp_path_factory.mktemp("data") / "gsm8k_short.jsonl"
-    rows = read_jsonl(gsm8k_train)[:NUM_ROWS]
-    with open(path, "w") as handle:
-        for row in rows:
-            row["messages"][1]["content"] = f"The answer is {row['final_answer']}."
-            handle.write(json.dumps(row) + "\n")
-    return path
 
 
 def make_config(workdir: Path, model_dir: Path, data: Path, tms: dict, **overrides) -> Path:

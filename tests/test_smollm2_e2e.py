@@ -21,7 +21,7 @@ def test_tms_with_smollm2_lora_on_gsm8k(tmp_path, smollm2_model_dir, gsm8k_train
         lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
         learning_rate=2e-4, micro_batch_size=2, sequence_len=512,
         plugins=["tms_axolotl_plugin.TMSPlugin"],
-        tms={"num_checkpoints": 2, "alpha": 0.25, "seed": 3, "pld": {"enabled": False},
+        tms={"num_checkpoints": 2, "alpha": 0.25, "seed": 3, "pld": {"enabled": False}, "retention": {"enabled": False},
              "generation": {"max_new_tokens": 160, "batch_size": 16}},
     )
     cfg.pop("max_steps")

@@ -39,8 +39,9 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    temperature: float
-    top_p: float
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False  # argmax decoding (reference answers), ignores temperature/top_p
 
 
 class GenerationBackend(Protocol):
@@ -50,6 +51,11 @@ class GenerationBackend(Protocol):
         self, checkpoint_path: Path, requests: list[GenerationRequest], settings: SamplingSettings
     ) -> Iterator[list[GeneratedLabel]]:
         """Answer every request with the given checkpoint; yield answers batch by batch."""
+
+    def generate_many(
+        self, jobs: list[tuple[Path, list[GenerationRequest]]], settings: SamplingSettings
+    ) -> Iterator[list[GeneratedLabel]]:
+        """Answer (checkpoint, requests) jobs; a backend may serve them all at once."""
 
     def close(self) -> None: ...
 
@@ -101,7 +107,8 @@ class HFGenerator:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
         return model.to(device).eval(), tokenizer, device
 
-    def generate(self, checkpoint_path, requests, settings):
+    def _continuations(self, checkpoint_path, requests, settings):
+        """Yield (batch of requests, raw continuations, EOS ids, decode) batch by batch."""
         import torch
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -126,12 +133,12 @@ class HFGenerator:
                 for row, request in enumerate(batch):
                     input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
                     attention[row, width - len(request.prompt_ids):] = 1
-                processors = LogitsProcessorList([
-                    TemperatureLogitsWarper(settings.temperature),
-                    TopPLogitsWarper(settings.top_p) if settings.top_p < 1.0 else None,
-                    PerRequestGumbelNoise([r.seed for r in batch], width),
-                ])
-                processors = LogitsProcessorList([p for p in processors if p is not None])
+                processors = LogitsProcessorList()
+                if not settings.greedy:
+                    processors.append(TemperatureLogitsWarper(settings.temperature))
+                    if settings.top_p < 1.0:
+                        processors.append(TopPLogitsWarper(settings.top_p))
+                    processors.append(PerRequestGumbelNoise([r.seed for r in batch], width))
                 with torch.inference_mode():
                     output = model.generate(
                         input_ids=input_ids.to(device),
@@ -143,12 +150,31 @@ class HFGenerator:
                         pad_token_id=pad_id,
                         temperature=None, top_p=None, top_k=None,
                     )
-                continuations = output[:, width:].tolist()
-                yield [finish(r, c, eos_ids, decode) for r, c in zip(batch, continuations, strict=True)]
+                yield batch, output[:, width:].tolist(), eos_ids, decode
         finally:
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def generate(self, checkpoint_path, requests, settings):
+        for batch, continuations, eos_ids, decode in self._continuations(
+                checkpoint_path, requests, settings):
+            yield [finish(r, c, eos_ids, decode) for r, c in zip(batch, continuations, strict=True)]
+
+    def generate_many(self, jobs, settings):
+        for checkpoint_path, requests in jobs:  # one model in memory at a time
+            yield from self.generate(checkpoint_path, requests, settings)
+
+    def generate_tokens(self, checkpoint_path, requests, settings):
+        """Like `generate`, but yield {prompt_key: answer token ids, EOS included if reached}."""
+        for batch, continuations, eos_ids, _ in self._continuations(
+                checkpoint_path, requests, settings):
+            answers = {}
+            for request, tokens in zip(batch, continuations, strict=True):
+                tokens = tokens[: request.max_new_tokens]
+                end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+                answers[request.prompt_key] = tuple(tokens[:end])
+            yield answers
 
     def close(self) -> None:
         pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,9 @@ from tms_axolotl_plugin.generation import GenerationRequest, SamplingSettings
 from tms_axolotl_plugin.harvest import HARVEST_DIRNAME, harvested_checkpoints, run_harvest
 from tms_axolotl_plugin.label_store import LabelStore
 from tms_axolotl_plugin.logs import get_logger
+from tms_axolotl_plugin.metrics import METRICS_ENV
 from tms_axolotl_plugin.mixture import build_student_rows
+from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import regenerate
 from tms_axolotl_plugin.training_examples import (
     TrainingExample,
@@ -203,6 +206,39 @@ class Pipeline:
         _summary("data", f"{len(self.train)} training examples ({unusable} without a separable "
                  f"answer), {len(self.heldout)} held out; fingerprint {self.data_fp}")
 
+    # -- metric inputs (PLD held-out answers, retention reference answers) ------------------
+    def prepare_metric_inputs(self, tokenizer) -> None:
+        """Write the answers PLD and the retention probe score; name them for both runs."""
+        from tms_axolotl_plugin.retention import (
+            base_answers_path,
+            ensure_base_answers,
+            load_retention_prompts,
+        )
+
+        self.metric_inputs: dict[str, str] = {}
+        if self.tms.pld.enabled and self.heldout:
+            path = self.paths.data / f"heldout-{self.data_fp}.scored.jsonl"
+            scored = [ScoredAnswer(tuple(e.prompt_ids), tuple(e.answer_ids))
+                      for e in self.heldout if e.usable][: self.tms.pld.max_examples]
+            if ranks.rank() == 0 and not path.exists():
+                save_scored_answers(path, scored)
+            self.metric_inputs["heldout"] = str(path)
+        if self.tms.retention.enabled:
+            r = self.tms.retention
+            prompts = load_retention_prompts(r.prompts, r.max_prompts)
+            path = base_answers_path(self.cfg, tokenizer, prompts, r.max_new_tokens,
+                                     self.paths.root / "retention")
+            if ranks.rank() == 0:
+                try:
+                    ensure_base_answers(self.cfg, tokenizer, prompts, r.max_new_tokens, path)
+                except BaseException as error:
+                    ranks.record_failure(self.paths.markers, "retention", error)
+                    raise
+            self.metric_inputs["retention"] = str(path)
+        ranks.wait_for([Path(p) for p in self.metric_inputs.values()], self.paths.markers,
+                       "retention")
+        os.environ[METRICS_ENV] = json.dumps(self.metric_inputs)
+
     # -- stage 1: harvest ------------------------------------------------------------------
     def harvest(self) -> dict[int, Path]:
         T = self.tms.num_checkpoints
@@ -220,7 +256,7 @@ class Pipeline:
             "val_set_size": 0,
             "auto_resume_from_checkpoints": True,
         }
-        if self.heldout_entries:
+        if self.heldout_entries and (self.cfg.val_set_size or 0) > 0:
             harvest_cfg["test_datasets"] = self.heldout_entries
         self.harvest_fp = fingerprint(_training_signature(harvest_cfg), T, self.data_fp)
         harvest_dir = self.paths.harvest(self.harvest_fp)
@@ -280,25 +316,31 @@ class Pipeline:
         requests = self.requests(plan)
         store = LabelStore(self.paths.labels / self.generation_fp())
         work_fp = fingerprint(sorted((r.prompt_key, r.checkpoint) for r in requests))
-        world = ranks.world_size()
-        markers = [store.directory / f"done-{work_fp}-{r}-of-{world}" for r in range(world)]
+        # The vLLM server batches everything itself: one client (rank 0) feeds it.
+        workers = 1 if self.tms.generation.backend == "vllm" else ranks.world_size()
+        markers = [store.directory / f"done-{work_fp}-{r}-of-{workers}" for r in range(workers)]
         if all(m.exists() for m in markers):
             _summary("regenerate", f"skipped: all {len(requests)} answers stored "
                      f"({store.directory.name})")
             return store
-        try:
-            backend = self._backend()
-            settings = SamplingSettings(self.tms.generation.temperature, self.tms.generation.top_p)
-            report = regenerate(requests, checkpoints, backend, settings, store,
-                                ranks.rank(), world)
-            backend.close()
-        except BaseException as error:
-            ranks.record_failure(self.paths.markers, "regenerate", error)
-            raise
-        markers[ranks.rank()].touch()
-        _summary("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
-                 f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
-                 f"{report.already_stored} already stored")
+        if ranks.rank() < workers:
+            backend = None
+            try:
+                backend = self._backend()
+                g = self.tms.generation
+                report = regenerate(requests, checkpoints, backend,
+                                    SamplingSettings(g.temperature, g.top_p), store,
+                                    ranks.rank(), workers)
+            except BaseException as error:
+                ranks.record_failure(self.paths.markers, "regenerate", error)
+                raise
+            finally:
+                if backend is not None:
+                    backend.close()
+            markers[ranks.rank()].touch()
+            _summary("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
+                     f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
+                     f"{report.already_stored} already stored")
         ranks.wait_for(markers, self.paths.markers, "regenerate")
         return store
 
@@ -311,7 +353,20 @@ class Pipeline:
             return HFGenerator(g.batch_size, dtype=dtype, base_model=self.cfg.base_model)
         from tms_axolotl_plugin.vllm_backend import VLLMGenerator
 
-        return VLLMGenerator.from_config(self.cfg, self.tms)
+        return VLLMGenerator.from_config(self.cfg, self.tms, self.paths.root / "sidecar")
+
+    def check_sidecar_reachable(self) -> None:
+        """A user-provided server that is down must fail the run before any training."""
+        g, s = self.tms.generation, self.tms.sidecar
+        if g.backend != "vllm" or not s.url:
+            return
+        from tms_axolotl_plugin.sidecar import wait_for_health
+
+        try:
+            wait_for_health(s.url, timeout_s=15, api_key=s.api_key)
+        except TMSError as error:
+            raise TMSError(f"tms.sidecar.url: {error}. Start the server first, or leave "
+                           "tms.sidecar.url unset to let the plugin launch one.") from None
 
     # -- stage 3: student ------------------------------------------------------------------
     def student(self, plan: DrawPlan, store: LabelStore, checkpoints: dict[int, Path]) -> str:
@@ -332,6 +387,10 @@ class Pipeline:
                  f"{sum(stats.by_checkpoint.values())} regenerated; fallbacks to the original "
                  f"label: {stats.fallback_empty} empty, {stats.fallback_truncated} truncated")
         self._point_run_at_student(entries, checkpoints)
+        os.environ[METRICS_ENV] = json.dumps({
+            **self.metric_inputs,
+            "student_metrics": str(self.paths.student / f"metrics-{student_fp}.jsonl"),
+        })
         return student_fp
 
     def _point_run_at_student(self, entries: list[dict], checkpoints: dict[int, Path]) -> None:
@@ -339,7 +398,8 @@ class Pipeline:
 
         cfg = self.cfg
         cfg.datasets = [DictDefault(e) for e in entries]
-        cfg.test_datasets = [DictDefault(e) for e in self.heldout_entries] or None
+        if (cfg.val_set_size or 0) > 0:  # the user asked for Axolotl's own eval loss too
+            cfg.test_datasets = [DictDefault(e) for e in self.heldout_entries] or None
         cfg.val_set_size = 0
         cfg.num_epochs = 1  # the epoch blocks are laid out in the mixture file
         cfg.auto_resume_from_checkpoints = True
@@ -374,7 +434,10 @@ def run_pipeline(cfg: Any, tms: TMSConfig):
 
     pipeline = Pipeline(cfg, tms)
     pipeline.paths.markers.mkdir(parents=True, exist_ok=True)
-    pipeline.prepare_data(load_tokenizer(cfg))
+    pipeline.check_sidecar_reachable()
+    tokenizer = load_tokenizer(cfg)
+    pipeline.prepare_data(tokenizer)
+    pipeline.prepare_metric_inputs(tokenizer)
     checkpoints = pipeline.harvest()
     plan = pipeline.draw()
     store = pipeline.regenerate(plan, checkpoints)

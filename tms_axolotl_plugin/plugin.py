@@ -5,7 +5,7 @@ plain Axolotl run. With a `tms:` block, one `axolotl train` runs the method:
 - `load_datasets` (outer run): data, harvest, draws, regeneration; then hands Axolotl the
   student's mixture, so the outer run trains the student;
 - in the harvest child run (`TMS_STAGE=harvest`), `add_callbacks_post_trainer` adds the callback
-  that saves the T weights-only checkpoints;
+  that saves the T weights-only checkpoints; in both runs it adds the PLD/retention callback;
 - `post_train_unload` (after the final model is saved) records that the student finished, so
   a re-run skips it.
 """
@@ -56,14 +56,20 @@ class TMSPlugin(BasePlugin):
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         tms = tms_config_from(cfg)
-        if tms is None or _stage() != "harvest":
+        if tms is None:
             return []
         from pathlib import Path
 
         from tms_axolotl_plugin.harvest import HARVEST_DIRNAME, HarvestCheckpointCallback
+        from tms_axolotl_plugin.metrics import metrics_callback
 
-        directory = Path(cfg.output_dir) / HARVEST_DIRNAME
-        return [HarvestCheckpointCallback(trainer, tms.num_checkpoints, directory)]
+        callbacks = []
+        if _stage() == "harvest":
+            directory = Path(cfg.output_dir) / HARVEST_DIRNAME
+            callbacks.append(HarvestCheckpointCallback(trainer, tms.num_checkpoints, directory))
+        stage = "harvest" if _stage() == "harvest" else "student"
+        callbacks.append(metrics_callback(cfg, trainer, tms, stage))
+        return [c for c in callbacks if c is not None]
 
     def post_train_unload(self, cfg):
         if tms_config_from(cfg) is None or _stage() == "harvest":

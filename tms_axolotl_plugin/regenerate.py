@@ -49,19 +49,18 @@ def regenerate(
     if not todo:
         return report
     started = time.perf_counter()
+    checkpoints = sorted({r.checkpoint for r in todo})
+    jobs = [(checkpoint_paths[t], [r for r in todo if r.checkpoint == t]) for t in checkpoints]
     with tqdm(total=len(todo), desc=f"tms regenerate [rank {rank}]", unit="answer",
               dynamic_ncols=True) as progress:
-        for checkpoint in sorted({r.checkpoint for r in todo}):
-            batch = [r for r in todo if r.checkpoint == checkpoint]
-            progress.set_postfix_str(f"checkpoint {checkpoint}")
-            for labels in backend.generate(checkpoint_paths[checkpoint], batch, settings):
-                store.append(rank, labels)
-                report.generated += len(labels)
-                report.generated_tokens += sum(label.num_tokens for label in labels)
-                progress.update(len(labels))
-                elapsed = time.perf_counter() - started
-                progress.set_postfix_str(
-                    f"checkpoint {checkpoint}, {report.generated_tokens / max(elapsed, 1e-9):.0f} tok/s"
-                )
+        for labels in backend.generate_many(jobs, settings):
+            store.append(rank, labels)
+            report.generated += len(labels)
+            report.generated_tokens += sum(label.num_tokens for label in labels)
+            progress.update(len(labels))
+            elapsed = time.perf_counter() - started
+            progress.set_postfix_str(
+                f"checkpoint {labels[-1].checkpoint}/{checkpoints[-1]}, "
+                f"{report.generated_tokens / max(elapsed, 1e-9):.0f} tok/s")
     report.seconds = time.perf_counter() - started
     return report

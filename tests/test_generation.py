@@ -1,0 +1,306 @@
+"""Generation (generation.py) and the regenerate stage (regenerate.py) with the real tiny model on
+CPU: per-request seeded sampling that does not depend on the batch, the rank or a restart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy.stats import binomtest
+
+from tms_axolotl_plugin.generation import (
+    GenerationRequest,
+    HFGenerator,
+    SamplingSettings,
+    finish,
+)
+from tms_axolotl_plugin.label_store import LabelStore
+from tms_axolotl_plugin.regenerate import owner_rank, regenerate
+
+SAMPLE = SamplingSettings(temperature=1.0, top_p=1.0)
+QUESTIONS = [
+    "Hi",
+    "What is 2+2?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+    "Name a colour.",
+    "Tell me a long story about a dragon who lives in a castle by the sea, with a twist at the end.",
+    "Why?",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's matrices are too small for intra-op threads: on a busy 2-core machine
+    OpenMP synchronisation made generation about 8x slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory, tiny_model_dir, tokenizer):
+    """A second real checkpoint: the tiny model with its own random output layer. Tied random
+    embeddings make greedy decoding repeat the last token; this one gives varied sequences."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    weight = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+    model.lm_head.weight = torch.nn.Parameter(weight * 0.3)
+    path = tmp_path_factory.mktemp("untied")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def prompt_ids(tokenizer, question: str) -> tuple[int, ...]:
+    return tuple(tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                               add_generation_prompt=True, tokenize=True,
+                                               return_dict=False))
+
+
+def request(tokenizer, question: str, checkpoint: int = 1, max_new_tokens: int = 8,
+            key: str | None = None) -> GenerationRequest:
+    return GenerationRequest(key or f"key:{question}", checkpoint, prompt_ids(tokenizer, question),
+                             max_new_tokens)
+
+
+def run(generator, path, requests, settings=SAMPLE):
+    answers = [label for batch in generator.generate(path, requests, settings) for label in batch]
+    assert len(answers) == len(requests)
+    return {(a.prompt_key, a.checkpoint): a for a in answers}
+
+
+def greedy_tokens(model, ids, max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=2)
+    return out[0, len(ids):].tolist()
+
+
+# ---- per-request seeding ------------------------------------------------------------------
+
+
+def test_same_request_gives_same_text_alone_and_inside_a_batch_of_other_lengths(
+    tiny_model_dir, tokenizer
+):
+    target = request(tokenizer, QUESTIONS[1])
+    others = [request(tokenizer, q, max_new_tokens=n) for q, n in zip(QUESTIONS[2:], (8, 3, 6, 1))]
+    assert len({len(r.prompt_ids) for r in [target, *others]}) == 5, "left padding is exercised"
+    alone = run(HFGenerator(batch_size=8), tiny_model_dir, [target])
+    together = run(HFGenerator(batch_size=8), tiny_model_dir, [*others[:2], target, *others[2:]])
+    in_pairs = run(HFGenerator(batch_size=2), tiny_model_dir, [*others, target])
+    key = (target.prompt_key, 1)
+    assert alone[key].text, "a sample at temperature 1 is not empty here"
+    assert together[key] == alone[key]
+    assert in_pairs[key] == alone[key]
+    # every other request too: batch size 8 versus 2 changes every batch's company
+    assert {k: together[k] for k in in_pairs} == in_pairs
+    # each request stops at its own cap, whatever the longest cap in its batch
+    for r in others:
+        answer = together[(r.prompt_key, 1)]
+        assert answer.prompt_tokens == len(r.prompt_ids)
+        assert answer.num_tokens <= r.max_new_tokens
+        assert answer.finish_reason == "stop" or answer.num_tokens == r.max_new_tokens
+
+
+def test_different_checkpoints_for_the_same_prompt_get_different_seeds_and_samples(
+    tiny_model_dir, tokenizer
+):
+    per_checkpoint = [request(tokenizer, QUESTIONS[1], checkpoint=t) for t in range(1, 11)]
+    assert len({r.seed for r in per_checkpoint}) == 10
+    assert per_checkpoint[0].seed == request(tokenizer, QUESTIONS[1], checkpoint=1).seed
+    # same weights, different t: the seed alone makes the samples differ
+    answers = run(HFGenerator(10), tiny_model_dir, per_checkpoint)
+    texts = [answers[(r.prompt_key, r.checkpoint)].text for r in per_checkpoint]
+    assert len(set(texts)) == 10
+
+
+def test_seed_depends_on_the_prompt_key_not_on_the_cap():
+    a = GenerationRequest("k1", 3, (1, 2, 3), 8)
+    assert a.seed == GenerationRequest("k1", 3, (1, 2, 3), 64).seed
+    assert a.seed != GenerationRequest("k2", 3, (1, 2, 3), 8).seed
+    assert 0 <= a.seed < 2**60
+
+
+# ---- finish() -----------------------------------------------------------------------------
+
+
+def test_finish_cuts_at_the_first_eos_and_marks_stop(tokenizer):
+    r = GenerationRequest("k", 2, (1, 2, 3, 4), max_new_tokens=8)
+    hello = tokenizer.encode("Hello world", add_special_tokens=False)
+    raw = hello + [2, 9, 9, 2]  # EOS, then what a batch keeps generating (or padding)
+    label = finish(r, raw, {2}, tokenizer.decode)
+    assert (label.text, label.finish_reason) == ("Hello world", "stop")
+    assert label.num_tokens == len(hello) + 1, "EOS counted"
+    assert (label.prompt_key, label.checkpoint, label.prompt_tokens) == ("k", 2, 4)
+    assert label.usable
+
+
+def test_finish_marks_length_when_the_cap_is_hit_without_eos(tokenizer):
+    r = GenerationRequest("k", 1, (1,), max_new_tokens=3)
+    words = tokenizer.encode(" one two three four five", add_special_tokens=False)
+    assert len(words) == 5
+    label = finish(r, words + [2], {2}, tokenizer.decode)  # EOS only after the cap
+    assert label.text == tokenizer.decode(words[:3])
+    assert (label.finish_reason, label.num_tokens) == ("length", 3)
+    assert not label.usable
+
+
+def test_finish_with_eos_first_gives_an_empty_unusable_answer(tokenizer):
+    label = finish(GenerationRequest("k", 1, (1,), 4), [2, 5, 6], {0, 2}, tokenizer.decode)
+    assert (label.text, label.finish_reason, label.num_tokens) == ("", "stop", 1)
+    assert not label.usable
+
+
+def test_finish_accepts_any_of_several_eos_ids(tokenizer):
+    label = finish(GenerationRequest("k", 1, (1,), 8), [28, 0, 29], {0, 2}, tokenizer.decode)
+    assert label.finish_reason == "stop" and label.num_tokens == 2
+
+
+# ---- regenerate() into a LabelStore -------------------------------------------------------
+
+
+@pytest.fixture
+def requests_two_checkpoints(tokenizer):
+    return [request(tokenizer, q, checkpoint=t, max_new_tokens=4)
+            for t in (1, 2) for q in QUESTIONS[:4]]
+
+
+@pytest.fixture
+def checkpoint_paths(tiny_model_dir, untied_dir):
+    return {1: tiny_model_dir, 2: untied_dir}
+
+
+def test_regenerate_then_again_generates_nothing_the_second_time(
+    tmp_path, checkpoint_paths, requests_two_checkpoints
+):
+    store = LabelStore(tmp_path / "labels")
+    first = regenerate(requests_two_checkpoints, checkpoint_paths, HFGenerator(4), SAMPLE, store)
+    n = len(requests_two_checkpoints)
+    assert (first.requested, first.already_stored, first.generated) == (n, 0, n)
+    stored = store.load()
+    assert first.generated_tokens == sum(label.num_tokens for label in stored.values())
+    assert set(stored) == {(r.prompt_key, r.checkpoint) for r in requests_two_checkpoints}
+
+    second = regenerate(requests_two_checkpoints, checkpoint_paths, HFGenerator(4), SAMPLE, store)
+    assert (second.requested, second.already_stored, second.generated) == (n, n, 0)
+    assert store.load() == stored
+
+
+def test_two_ranks_cover_every_request_exactly_once(
+    tmp_path, checkpoint_paths, requests_two_checkpoints
+):
+    store = LabelStore(tmp_path / "labels")
+    reports = [regenerate(requests_two_checkpoints, checkpoint_paths, HFGenerator(4), SAMPLE,
+                          store, rank=rank, world_size=2) for rank in (0, 1)]
+    n = len(requests_two_checkpoints)
+    assert all(r.requested > 0 for r in reports), "both ranks get work"
+    assert sum(r.requested for r in reports) == n
+    assert sum(r.generated for r in reports) == n
+
+    written = []
+    for rank in (0, 1):
+        shard = store.directory / f"labels-rank{rank}.jsonl"
+        keys = [(rec["prompt_key"], rec["checkpoint"])
+                for rec in map(json.loads, shard.read_text().splitlines())]
+        owners = {owner_rank(r, 2) for r in requests_two_checkpoints
+                  if (r.prompt_key, r.checkpoint) in keys}
+        assert owners == {rank}
+        written += keys
+    assert len(written) == len(set(written)) == n, "no request generated twice"
+    assert set(written) == {(r.prompt_key, r.checkpoint) for r in requests_two_checkpoints}
+
+    # One rank, from a store holding part of the work: it generates only the rest, and the
+    # answers equal the two-rank ones (they depend neither on the rank count nor on a restart).
+    single = LabelStore(tmp_path / "single")
+    regenerate(requests_two_checkpoints[:3], checkpoint_paths, HFGenerator(4), SAMPLE, single)
+    resumed = regenerate(requests_two_checkpoints, checkpoint_paths, HFGenerator(4), SAMPLE,
+                         single)
+    assert (resumed.already_stored, resumed.generated) == (3, n - 3)
+    assert single.load() == store.load()
+
+
+# ---- temperature and top_p ----------------------------------------------------------------
+
+
+GREEDY_PROMPT = "The capital of France is Paris. The capital of Spain is"
+
+
+def test_tiny_top_p_is_greedy_decoding(untied_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(untied_dir), dtype=torch.float32).eval()
+    ids = tokenizer.encode(GREEDY_PROMPT, add_special_tokens=False)
+    target = GenerationRequest("greedy", 2, tuple(ids), 8)
+    others = [request(tokenizer, q, checkpoint=2) for q in QUESTIONS[:3]]  # shorter: padded
+    answers = run(HFGenerator(4), untied_dir, [target, *others], SamplingSettings(1.0, 1e-6))
+    for r in [target, *others]:
+        expected = greedy_tokens(model, list(r.prompt_ids), 8)
+        assert len(set(expected)) > 1, "a varied greedy sequence, not one repeated token"
+        assert answers[(r.prompt_key, 2)].text == tokenizer.decode(expected,
+                                                                   skip_special_tokens=True)
+    sampled = run(HFGenerator(1), untied_dir, [target])[("greedy", 2)]
+    assert sampled.text != answers[("greedy", 2)].text, "top_p=1 really samples"
+
+
+def test_tiny_temperature_is_greedy_decoding(untied_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(untied_dir), dtype=torch.float32).eval()
+    ids = tokenizer.encode(GREEDY_PROMPT, add_special_tokens=False)
+    r = GenerationRequest("cold", 2, tuple(ids), 8)
+    answer = run(HFGenerator(1), untied_dir, [r], SamplingSettings(1e-4, 1.0))[("cold", 2)]
+    assert answer.text == tokenizer.decode(greedy_tokens(model, ids, 8), skip_special_tokens=True)
+
+
+def _first_token_probabilities(model, ids, temperature, top_p):
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    before = ordered.cumsum(0) - ordered  # mass of the more likely tokens
+    keep = order[before < top_p]  # smallest set of top tokens with mass >= top_p
+    nucleus = torch.zeros_like(probs)
+    nucleus[keep] = probs[keep]
+    return nucleus / nucleus.sum()
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_samples_follow_the_tempered_nucleus_distribution(tiny_model_dir, tokenizer, model, top_p):
+    """First tokens of 300 requests (300 seeds) against softmax(logits / T) on the top-p nucleus:
+    the frequency of the most likely token matches, and nothing outside the nucleus appears."""
+    temperature, n = 0.1, 300
+    ids = prompt_ids(tokenizer, "a")
+    expected = _first_token_probabilities(model, ids, temperature, top_p)
+    top = int(expected.argmax())
+    assert tokenizer.decode([top]) == "\n"
+    requests = [GenerationRequest(f"seed-{i}", 1, ids, 1) for i in range(n)]
+    answers = run(HFGenerator(n), tiny_model_dir, requests,
+                  SamplingSettings(temperature, top_p)).values()
+    hits = sum(a.text == "\n" for a in answers)
+    assert binomtest(hits, n, float(expected[top])).pvalue > 0.001
+    # the other setting's probability is rejected: the test can tell the two apart
+    other = _first_token_probabilities(model, ids, temperature, 1.8 - top_p)
+    assert binomtest(hits, n, float(other[top])).pvalue < 0.001
+    allowed = {tokenizer.decode([t], skip_special_tokens=True)
+               for t in torch.nonzero(expected).flatten().tolist()}
+    assert {a.text for a in answers} <= allowed
+    if top_p < 1.0:
+        assert len(allowed) < 1000

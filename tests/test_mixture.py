@@ -1,0 +1,176 @@
+"""The student's rows (mixture.py): each (example, epoch) with its drawn target written in, epoch
+blocks in order, and the reward-free hygiene fallback to the original label."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from tms_axolotl_plugin.draws import DrawPlan
+from tms_axolotl_plugin.label_store import GeneratedLabel
+from tms_axolotl_plugin.mixture import DRAW_FIELD, TARGET_FIELD, build_student_rows
+from tms_axolotl_plugin.training_examples import TrainingExample
+
+CHAT = {"type": "chat_template", "field_messages": "messages"}
+ALPACA = {"type": "alpaca"}
+
+
+def chat_row(question: str, answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ],
+        "id": question,
+    }
+
+
+def example(index: int, dataset_index: int = 0, row: dict | None = None,
+            usable: bool = True) -> TrainingExample:
+    row = row if row is not None else chat_row(f"q{index}", f"label {index}")
+    prompt = [1, 100 + index, 2] if usable else []
+    return TrainingExample(dataset_index, row, prompt_ids=prompt, answer_ids=[7, 8])
+
+
+def generated(ex: TrainingExample, t: int, text: str | None = None,
+              finish: str = "stop") -> GeneratedLabel:
+    text = f"answer of checkpoint {t} to {ex.row.get('id', ex.row.get('instruction'))}" \
+        if text is None else text
+    return GeneratedLabel(ex.key, t, text, finish, num_tokens=5, prompt_tokens=3)
+
+
+def store_for(examples, plan, overrides=None) -> dict:
+    """Every drawn (example, checkpoint) answer; `overrides[(i, t)] = (text, finish)`."""
+    overrides = overrides or {}
+    labels = {}
+    for i, t in plan.needed_pairs():
+        text, finish = overrides.get((i, t), (None, "stop"))
+        label = generated(examples[i], t, text, finish)
+        labels[(label.prompt_key, label.checkpoint)] = label
+    return labels
+
+
+def plan_of(targets) -> DrawPlan:
+    return DrawPlan(np.array(targets, dtype=np.int16), num_checkpoints=4)
+
+
+def last_content(row: dict) -> str:
+    return row["messages"][-1]["content"]
+
+
+def test_rows_come_in_epoch_blocks_in_example_order():
+    examples = [example(i) for i in range(3)]
+    plan = plan_of([[0, 2], [1, 0], [0, 0]])
+    (rows,), stats = build_student_rows(examples, plan, store_for(examples, plan), [CHAT])
+    assert [row["id"] for row in rows] == ["q0", "q1", "q2", "q0", "q1", "q2"]
+    assert [row[DRAW_FIELD] for row in rows] == [0, 1, 0, 2, 0, 0]
+    assert [row[TARGET_FIELD] for row in rows] == [0, 1, 0, 2, 0, 0]
+    assert stats.rows == 6
+
+
+def test_original_label_rows_are_the_row_unchanged():
+    examples = [example(i) for i in range(2)]
+    before = copy.deepcopy([e.row for e in examples])
+    plan = plan_of([[0], [0]])
+    (rows,), stats = build_student_rows(examples, plan, {}, [CHAT])
+    for row, original in zip(rows, before, strict=True):
+        assert {k: v for k, v in row.items() if k not in (DRAW_FIELD, TARGET_FIELD)} == original
+    assert stats.original_labels == 2 and not stats.by_checkpoint
+
+
+def test_regenerated_rows_carry_the_stored_text_in_the_last_assistant_message():
+    multi = {"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ], "id": "multi"}
+    examples = [example(0), example(1, row=multi)]
+    before = copy.deepcopy([e.row for e in examples])
+    plan = plan_of([[3, 1], [2, 0]])
+    labels = store_for(examples, plan)
+    (rows,), stats = build_student_rows(examples, plan, labels, [CHAT])
+    assert last_content(rows[0]) == labels[(examples[0].key, 3)].text
+    assert last_content(rows[1]) == labels[(examples[1].key, 2)].text
+    assert [m["content"] for m in rows[1]["messages"][:3]] == ["Hi", "Hello", "2+2?"]
+    assert last_content(rows[2]) == labels[(examples[0].key, 1)].text
+    assert last_content(rows[3]) == "4"
+    assert [e.row for e in examples] == before, "the examples' own rows are not modified"
+    assert stats.by_checkpoint == {3: 1, 2: 1, 1: 1}
+    assert stats.original_labels == 1
+
+
+def test_rows_go_to_their_own_dataset_entry():
+    alpaca_row = {"instruction": "Say hi", "input": "", "output": "Hi"}
+    examples = [example(0, 0), example(1, 1, row=alpaca_row), example(2, 0)]
+    plan = plan_of([[0], [4], [1]])
+    labels = store_for(examples, plan)
+    labels[(examples[1].key, 4)] = generated(examples[1], 4, "Hello there")
+    (chat_rows, alpaca_rows), stats = build_student_rows(examples, plan, labels, [CHAT, ALPACA])
+    assert [r["id"] for r in chat_rows] == ["q0", "q2"]
+    assert alpaca_rows == [{**alpaca_row, "output": "Hello there", DRAW_FIELD: 4,
+                            TARGET_FIELD: 4}]
+    assert stats.rows == 3
+
+
+@pytest.mark.parametrize(
+    "text,finish,counter",
+    [
+        ("", "stop", "fallback_empty"),
+        ("   \n", "stop", "fallback_empty"),
+        ("an answer cut at the cap", "length", "fallback_truncated"),
+        ("", "length", "fallback_truncated"),
+    ],
+)
+def test_unusable_answer_falls_back_to_the_original_label_and_is_counted(text, finish, counter):
+    examples = [example(0), example(1)]
+    plan = plan_of([[2, 2], [3, 0]])
+    labels = store_for(examples, plan)
+    labels[(examples[0].key, 2)] = generated(examples[0], 2, text, finish)
+    (rows,), stats = build_student_rows(examples, plan, labels, [CHAT])
+    fallen_back = [rows[0], rows[2]]  # example 0 in both epochs
+    for row in fallen_back:
+        assert last_content(row) == "label 0"
+        assert row[DRAW_FIELD] == 2, "the audit keeps what was drawn"
+        assert row[TARGET_FIELD] == 0, "but records that the label was trained on"
+    assert getattr(stats, counter) == 2
+    other = "fallback_truncated" if counter == "fallback_empty" else "fallback_empty"
+    assert getattr(stats, other) == 0
+    assert stats.original_labels == 3  # two fallbacks + one drawn label
+    assert stats.by_checkpoint == {3: 1}
+    assert last_content(rows[1]) == labels[(examples[1].key, 3)].text
+
+
+def test_missing_store_entry_raises_key_error_naming_example_and_checkpoint():
+    examples = [example(0), example(1)]
+    plan = plan_of([[0], [3]])
+    with pytest.raises(KeyError, match="example 1 from checkpoint 3"):
+        build_student_rows(examples, plan, {}, [CHAT])
+
+
+def test_unusable_example_keeps_its_row_and_needs_no_generated_answer():
+    examples = [example(0, usable=False), example(1)]
+    plan = plan_of([[2, 1], [0, 0]])
+    (rows,), stats = build_student_rows(examples, plan, {}, [CHAT])
+    assert [last_content(r) for r in rows] == ["label 0", "label 1", "label 0", "label 1"]
+    assert [r[DRAW_FIELD] for r in rows] == [2, 0, 1, 0]
+    assert all(r[TARGET_FIELD] == 0 for r in rows)
+    assert stats.unusable_examples == 1  # counted once, not once per epoch
+    assert stats.original_labels == 4
+
+
+def test_stats_as_dict_is_json_friendly():
+    examples = [example(0), example(1)]
+    plan = plan_of([[2, 0], [3, 2]])
+    labels = store_for(examples, plan, {(1, 3): ("", "length")})
+    _, stats = build_student_rows(examples, plan, labels, [CHAT])
+    assert stats.as_dict() == {
+        "rows": 4,
+        "original_labels": 2,
+        "by_checkpoint": {"2": 2},
+        "fallback_empty": 0,
+        "fallback_truncated": 1,
+        "unusable_examples": 0,
+    }

