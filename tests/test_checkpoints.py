@@ -41,7 +41,8 @@ def test_harvest_steps_match_exact_half_up_rounding_and_end_at_the_last_step():
     for steps in range(1, 120):
         for num_checkpoints in range(1, min(steps, 25) + 1):
             got = harvest_steps(steps, num_checkpoints)
-            want = [half_up(Fraction(t * steps, num_checkpoints)) for t in range(1, num_checkpoints + 1)]
+            want = [half_up(Fraction(t * steps, num_checkpoints))
+                    for t in range(1, num_checkpoints + 1)]
             assert got == want, (steps, num_checkpoints)
             assert got[-1] == steps
             assert len(set(got)) == num_checkpoints and got == sorted(got), "T distinct steps"

@@ -24,7 +24,7 @@ QUESTIONS = [
     "What is 2+2?",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
     "Name a colour.",
-    "Tell me a long story about a dragon who lives in a castle by the sea, with a twist at the end.",
+    "Tell me a long story about a dragon who lives in a castle by the sea, with a twist.",
     "Why?",
 ]
 
@@ -75,9 +75,9 @@ def prompt_ids(tokenizer, question: str) -> tuple[int, ...]:
                                                return_dict=False))
 
 
-def request(tokenizer, question: str, checkpoint: int = 1, max_new_tokens: int = 8,
-            key: str | None = None) -> GenerationRequest:
-    return GenerationRequest(key or f"key:{question}", checkpoint, prompt_ids(tokenizer, question),
+def request(tokenizer, question: str, checkpoint: int = 1,
+            max_new_tokens: int = 8) -> GenerationRequest:
+    return GenerationRequest(f"key:{question}", checkpoint, prompt_ids(tokenizer, question),
                              max_new_tokens)
 
 

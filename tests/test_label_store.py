@@ -9,7 +9,8 @@ import pytest
 from tms_axolotl_plugin.label_store import GeneratedLabel, LabelStore
 
 
-def label(key: str, checkpoint: int, text: str = "an answer", finish: str = "stop") -> GeneratedLabel:
+def label(key: str, checkpoint: int, text: str = "an answer",
+          finish: str = "stop") -> GeneratedLabel:
     return GeneratedLabel(key, checkpoint, text, finish, num_tokens=len(text) + 1, prompt_tokens=17)
 
 

@@ -35,7 +35,7 @@ def vllm_processes() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if "vllm.entrypoints.openai.api_server" in cmdline:
+        if "vllm.entrypoints.openai.api_server" in cmdline or "VLLM::" in cmdline:
             found.append(process)
     return found
 

@@ -349,7 +349,12 @@ class Pipeline:
         if g.backend == "hf":
             from tms_axolotl_plugin.generation import HFGenerator
 
-            dtype = "bfloat16" if self.cfg.bf16 is True else "float32" if self.cfg.bf16 is False and not self.cfg.fp16 else "auto"
+            if self.cfg.bf16 is True:
+                dtype = "bfloat16"
+            elif self.cfg.bf16 is False and not self.cfg.fp16:
+                dtype = "float32"  # what the run trains in, so answers match its precision
+            else:
+                dtype = "auto"
             return HFGenerator(g.batch_size, dtype=dtype, base_model=self.cfg.base_model)
         from tms_axolotl_plugin.vllm_backend import VLLMGenerator
 
