@@ -85,8 +85,8 @@ class GenerationConfig(_Section):
     batch_size: int = Field(
         default=16,
         ge=1,
-        description="Prompts per generate() call for the `hf` backend; requests per batch "
-        "item group for `vllm`.",
+        description="Prompts per generate() call for the `hf` backend (the `vllm` backend "
+        "keeps `tms.sidecar.concurrency` requests in flight instead).",
     )
 
 
@@ -263,7 +263,9 @@ class TMSConfig(_Section):
     seed: int = Field(
         default=0,
         ge=0,
-        description="Seed of the mixture draws and of generation sampling.",
+        description="Seed of the mixture draws (which target each example gets in each "
+        "epoch). Answers are sampled with a seed derived from the (prompt, checkpoint) pair, "
+        "so a new seed reuses every stored answer that is drawn again.",
     )
     schedule: Literal["offline", "iterative"] = Field(
         default="offline",
