@@ -121,24 +121,48 @@ def test_lora_adapters_in_one_server_match_transformers_greedy(tmp_path, sidecar
     assert any(by_key[(f"q{i}", 1)] != by_key[(f"q{i}", 2)] for i in range(3))
 
 
-def test_base_model_greedy_text_matches_transformers(tmp_path, sidecar_python,
-                                                     smollm2_model_dir):
+def perturbed_copy(model_dir: Path, target: Path) -> Path:
+    """A full-weight "checkpoint" whose answers differ from the base model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "mlp.down_proj" in name:
+                param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    return target
+
+
+def test_full_weight_checkpoints_match_transformers_greedy_after_in_place_reload(
+        tmp_path, sidecar_python, smollm2_model_dir):
     from transformers import AutoTokenizer
 
+    second = perturbed_copy(smollm2_model_dir, tmp_path / "checkpoint-2")
     prompts = chat_prompts(AutoTokenizer.from_pretrained(smollm2_model_dir), QUESTIONS)
-    requests = [GenerationRequest(f"q{i}", 1, ids, 32) for i, ids in enumerate(prompts)]
+    jobs = [(path, [GenerationRequest(f"q{i}", t, ids, 32) for i, ids in enumerate(prompts)])
+            for t, path in ((1, smollm2_model_dir), (2, second))]
     greedy = SamplingSettings(greedy=True)
     backend = generator(tmp_path, sidecar_python, smollm2_model_dir)
     try:
-        served = {l.prompt_key: l for b in backend.generate(smollm2_model_dir, requests, greedy)
-                  for l in b}
+        served = {(l.prompt_key, l.checkpoint): l
+                  for batch in backend.generate_many(jobs, greedy) for l in batch}
     finally:
         backend.close()
+    assert [s.mechanism for s in backend.switches] == ["initial-start", "in-place-reload"]
+    assert backend.sidecar.starts == 1
     reference = HFGenerator(batch_size=8, dtype="float32")
-    for batch in reference.generate(smollm2_model_dir, requests, greedy):
-        for label in batch:
-            assert served[label.prompt_key].text == label.text
-            assert served[label.prompt_key].finish_reason == label.finish_reason
+    for path, requests in jobs:
+        for batch in reference.generate(path, requests, greedy):
+            for label in batch:
+                got = served[(label.prompt_key, label.checkpoint)]
+                assert got.text == label.text
+                assert got.finish_reason == label.finish_reason
+    # The reload really swapped the weights: the two checkpoints answer differently.
+    assert any(served[(f"q{i}", 1)].text != served[(f"q{i}", 2)].text for i in range(3))
 
 
 def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
