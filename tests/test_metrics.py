@@ -31,7 +31,7 @@ def metrics_run(tmp_path_factory, tiny_model_dir, short_answer_data):
         use_tensorboard=True, save_strategy="epoch",
         plugins=["tms_axolotl_plugin.TMSPlugin"],
         tms={"num_checkpoints": 2, "seed": 5,
-             "pld": {"heldout_size": HELDOUT, "eval_steps": 1},
+             "pld": {"heldout_size": HELDOUT, "eval_steps": 1, "max_overhead": 0},
              "retention": {"max_prompts": 8, "max_new_tokens": 16},
              "generation": {"max_new_tokens": 12, "batch_size": 8}},
     )
@@ -159,3 +159,21 @@ def test_report_on_a_folder_without_metrics_fails_clearly(tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "is not a TMS run folder" in proc.stderr
+
+
+def test_scheduled_measurements_stay_within_the_overhead_budget(tmp_path):
+    import time as clock
+
+    from tms_axolotl_plugin.metrics import TMSMetricsCallback
+
+    callback = TMSMetricsCallback(None, "student", tmp_path / "m.jsonl", None, None, every=1,
+                                  max_overhead=0.03)
+    callback._train_started = clock.perf_counter() - 100.0  # 100 s since training began
+    callback.seconds, callback.measurements = 2.0, 1  # one 2 s measurement so far
+    assert callback._within_budget()  # 2 + 2 <= 0.03 * 98
+    callback.seconds, callback.measurements = 2.0, 2  # cheaper ones, same total
+    assert callback._within_budget()
+    callback.seconds, callback.measurements = 3.0, 1
+    assert not callback._within_budget()  # 3 + 3 > 0.03 * 97
+    callback.max_overhead = 0
+    assert callback._within_budget()  # no limit

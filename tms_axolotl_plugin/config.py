@@ -220,6 +220,13 @@ class PLDConfig(_Section):
         ge=1,
         description="Cap on held-out examples scored per PLD evaluation (bounds its cost).",
     )
+    max_overhead: float = Field(
+        default=0.03,
+        ge=0,
+        description="Budget for PLD and retention as a fraction of training wall time: a "
+        "scheduled measurement is skipped while the metrics have already used this share "
+        "(the step-0 and final measurements always run). 0 = no limit.",
+    )
 
 
 class RetentionConfig(_Section):

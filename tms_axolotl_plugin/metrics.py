@@ -29,7 +29,8 @@ def metrics_inputs() -> dict:
 class TMSMetricsCallback(TrainerCallback):
     def __init__(self, trainer, stage: str, metrics_path: Path,
                  heldout: list[ScoredAnswer] | None, retention: list[ScoredAnswer] | None,
-                 every: int | None, max_length: int | None = None, batch_size: int = 8):
+                 every: int | None, max_length: int | None = None, batch_size: int = 8,
+                 max_overhead: float = 0.0):
         self.trainer = trainer
         self.stage = stage
         self.metrics_path = Path(metrics_path)
@@ -38,9 +39,12 @@ class TMSMetricsCallback(TrainerCallback):
         self.every = every
         self.max_length = max_length
         self.batch_size = batch_size
+        self.max_overhead = max_overhead
+        self.skipped = 0
         self.drift = DriftTracker()
         self.last_step: int | None = None
         self.seconds = 0.0
+        self.measurements = 0
         for row in self._history():  # a resumed run keeps its lowest PLD
             if "tms/pld" in row:
                 self.drift.update(row["tms/pld"])
@@ -65,6 +69,7 @@ class TMSMetricsCallback(TrainerCallback):
                                                         self.max_length)
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
+        self.measurements += 1
         self.last_step = state.global_step
         if not logs:
             return
@@ -81,15 +86,27 @@ class TMSMetricsCallback(TrainerCallback):
         self._train_started = time.perf_counter()
         self._measure(state)
 
+    def _within_budget(self) -> bool:
+        if not self.max_overhead:
+            return True
+        training = time.perf_counter() - self._train_started - self.seconds
+        per_measurement = self.seconds / max(self.measurements, 1)
+        return self.seconds + per_measurement <= self.max_overhead * training
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            self._measure(state)
+            if self._within_budget():
+                self._measure(state)
+            else:
+                self.skipped += 1
 
     def on_train_end(self, args, state, control, **kwargs):
         self._measure(state)
         total = time.perf_counter() - self._train_started
-        LOG.info("tms metrics (%s): %.1fs of %.1fs training wall time (%.1f%%)", self.stage,
-                 self.seconds, total, 100 * self.seconds / max(total, 1e-9))
+        LOG.info("tms metrics (%s): %d measurements, %.1fs of %.1fs training wall time "
+                 "(%.1f%%); %d scheduled measurements skipped to stay within "
+                 "tms.pld.max_overhead", self.stage, self.measurements, self.seconds, total,
+                 100 * self.seconds / max(total, 1e-9), self.skipped)
 
 
 def metrics_callback(cfg, trainer, tms, stage: str) -> TMSMetricsCallback | None:
@@ -108,4 +125,4 @@ def metrics_callback(cfg, trainer, tms, stage: str) -> TMSMetricsCallback | None
         path = Path(inputs["student_metrics"])
     every = tms.pld.eval_steps or cfg.eval_steps or None
     return TMSMetricsCallback(trainer, stage, path, heldout, retention, every,
-                              max_length=cfg.sequence_len)
+                              max_length=cfg.sequence_len, max_overhead=tms.pld.max_overhead)
