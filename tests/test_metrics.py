@@ -169,11 +169,11 @@ def test_scheduled_measurements_stay_within_the_overhead_budget(tmp_path):
     callback = TMSMetricsCallback(None, "student", tmp_path / "m.jsonl", None, None, every=1,
                                   max_overhead=0.03)
     callback._train_started = clock.perf_counter() - 100.0  # 100 s since training began
-    callback.seconds, callback.measurements = 2.0, 1  # one 2 s measurement so far
-    assert callback._within_budget()  # 2 + 2 <= 0.03 * 98
-    callback.seconds, callback.measurements = 2.0, 2  # cheaper ones, same total
-    assert callback._within_budget()
-    callback.seconds, callback.measurements = 3.0, 1
-    assert not callback._within_budget()  # 3 + 3 > 0.03 * 97
+    callback.seconds, callback.measurements = 1.0, 1  # one 1 s measurement so far
+    assert callback._within_budget()  # 1 + 1 <= 0.03 * 99
+    callback.seconds, callback.measurements = 1.0, 2  # two cheaper ones, same total
+    assert callback._within_budget()  # 1 + 0.5 <= 0.03 * 99
+    callback.seconds, callback.measurements = 2.0, 1
+    assert not callback._within_budget()  # 2 + 2 > 0.03 * 98
     callback.max_overhead = 0
     assert callback._within_budget()  # no limit
