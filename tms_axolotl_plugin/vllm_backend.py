@@ -67,6 +67,7 @@ class VLLMGenerator:
         self.url = self.settings.url
         self.api_key = self.settings.api_key
         self.switches: list[Switch] = []
+        self.serving: Path | None = None  # the full-weight checkpoint the server has loaded
 
     @classmethod
     def from_config(cls, cfg, tms: TMSConfig, log_dir: Path | None = None) -> VLLMGenerator:
@@ -114,6 +115,8 @@ class VLLMGenerator:
 
     def _serve_full_weights(self, checkpoint: int, path: Path, first: bool) -> str:
         """Make the server serve `path`; returns the model name to request."""
+        if self.serving == path and (self.sidecar is None or self.sidecar.alive()):
+            return self._served_model()
         started = time.perf_counter()
         if self.sidecar is None and self.settings.url is None:
             self._launch(str(path))
@@ -133,6 +136,7 @@ class VLLMGenerator:
                 self._launch(str(path))
                 mechanism = "restart"
         seconds = time.perf_counter() - started
+        self.serving = path
         self.switches.append(Switch(checkpoint, mechanism, seconds))
         LOG.info("tms sidecar: checkpoint %d served by %s in %.1fs", checkpoint, mechanism,
                  seconds)
