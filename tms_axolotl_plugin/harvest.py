@@ -8,7 +8,6 @@ state) at steps round(t*S/T), t = 1..T.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from tms_axolotl_plugin.checkpoints import harvest_steps, list_checkpoints
 from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.logs import get_logger
 from tms_axolotl_plugin.ranks import clean_launch_env
+from tms_axolotl_plugin.sidecar import free_port
 
 LOG = get_logger(__name__)
 
@@ -50,12 +50,6 @@ class HarvestCheckpointCallback(TrainerCallback):
 
 def harvested_checkpoints(harvest_dir: Path):
     return list_checkpoints(Path(harvest_dir) / HARVEST_DIRNAME)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def harvest_command(config_path: Path, num_processes: int) -> list[str]:

@@ -114,7 +114,7 @@ def split_prompt_and_answer(input_ids: list[int], labels: list[int]) -> tuple[li
     start = end
     while start - 1 >= 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
-    return list(input_ids[:start]), [t for t in labels[start : end + 1]]
+    return list(input_ids[:start]), list(labels[start : end + 1])
 
 
 def load_training_examples(cfg: Any, tokenizer: Any) -> list[TrainingExample]:
