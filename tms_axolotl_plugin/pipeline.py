@@ -179,8 +179,9 @@ class Pipeline:
         self.tms = tms
         self.paths = StagePaths(Path(cfg.output_dir) / "tms")
         self.dataset_configs = list(cfg.datasets)
-        # Entries as the user wrote them: derived datasets are written back to YAML.
-        self.raw_dataset_entries = raw_config(cfg).get("datasets") or []
+        # The YAML as the user wrote it: derived configs and datasets are written back to YAML.
+        self.raw = raw_config(cfg)
+        self.raw_dataset_entries = self.raw.get("datasets") or []
         self.epochs = int(cfg.num_epochs or 1)
 
     # -- stage 0: data ---------------------------------------------------------------------
@@ -249,9 +250,8 @@ class Pipeline:
                      f"(steps {[c.step for c in chosen]})")
             return {t: c.path for t, c in enumerate(chosen, start=1)}
 
-        raw = raw_config(self.cfg)
         harvest_cfg = {
-            **raw,
+            **self.raw,
             "datasets": self.train_entries,
             "val_set_size": 0,
             "auto_resume_from_checkpoints": True,
@@ -380,7 +380,7 @@ class Pipeline:
         g = self.tms.generation
         student_fp = fingerprint(
             self.generation_fp(), plan.targets.tolist(), self.tms.student_init,
-            _training_signature(raw_config(self.cfg)), g.all_checkpoints,
+            _training_signature(self.raw), g.all_checkpoints,
         )
         entries = write_dataset_files(self.paths.student, f"mixture-{student_fp}", rows,
                                       self.raw_dataset_entries)
