@@ -3,7 +3,7 @@
 It runs as its own `axolotl train` process on a derived config, so it is an ordinary Axolotl
 run in every respect (packing, attention, DeepSpeed/FSDP, loggers) and its output folder is the
 SFT baseline. Inside that run, `HarvestCheckpointCallback` saves the weights (no optimizer
-state) at steps round(t*S/T), t = 1..T.
+state) at steps round(t*S/T), t = 1..T-1, and at the end of training.
 """
 
 from __future__ import annotations
@@ -27,25 +27,43 @@ HARVEST_DIRNAME = "tms_checkpoints"
 
 
 class HarvestCheckpointCallback(TrainerCallback):
-    """Saves weights-only checkpoints at the T harvest steps of the run."""
+    """Saves weights-only checkpoints at the T harvest steps of the run.
+
+    The trainer's step count is planned from an estimate of the dataloader length (packing,
+    dropped over-long rows), so a run can end a step or two early; the last checkpoint is
+    therefore taken when training ends, at whatever step that is.
+    """
 
     def __init__(self, trainer, num_checkpoints: int, directory: Path):
         self.trainer = trainer
         self.num_checkpoints = num_checkpoints
         self.directory = Path(directory)
-        self.steps: set[int] = set()
+        self.steps: list[int] = []
+        self.saved: set[int] = set()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.steps = set(harvest_steps(state.max_steps, self.num_checkpoints))
-        LOG.info("tms harvest: weights-only checkpoints at steps %s", sorted(self.steps))
+        self.steps = harvest_steps(state.max_steps, self.num_checkpoints)
+        LOG.info("tms harvest: weights-only checkpoints at steps %s (the last one when "
+                 "training ends)", self.steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.steps:
-            target = self.directory / f"checkpoint-{state.global_step}"
-            # save_model gathers sharded weights (DeepSpeed/FSDP), so every rank calls it.
-            self.trainer.save_model(str(target))
-            if self.trainer.is_world_process_zero():
-                LOG.info("tms harvest: saved %s", target)
+        if state.global_step in self.steps[:-1]:
+            self._save(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.global_step != self.steps[-1]:
+            LOG.warning("tms harvest: planned %d steps but training ended at step %d; the "
+                        "last checkpoint is taken there", self.steps[-1], state.global_step)
+        if state.global_step not in self.saved:
+            self._save(state.global_step)
+
+    def _save(self, step: int) -> None:
+        target = self.directory / f"checkpoint-{step}"
+        # save_model gathers sharded weights (DeepSpeed/FSDP), so every rank calls it.
+        self.trainer.save_model(str(target))
+        self.saved.add(step)
+        if self.trainer.is_world_process_zero():
+            LOG.info("tms harvest: saved %s", target)
 
 
 def harvested_checkpoints(harvest_dir: Path):
