@@ -107,6 +107,19 @@ def test_metrics_are_logged_in_both_stages_at_the_cadence(metrics_run):
     assert "tms metrics (harvest):" in first and "tms metrics (student):" in first
 
 
+def test_student_step0_reuses_the_harvest_baseline_which_is_the_base_models_value(
+        metrics_run, tiny_model_dir):
+    workdir, _, _ = metrics_run
+    harvest0, student0 = harvest_metrics(workdir)[0], student_metrics(workdir)[0]
+    assert student0["step"] == 0 and student0["reused_from"].endswith("tms_metrics.jsonl")
+    assert "reused_from" not in harvest0
+    for key in ("tms/pld", "tms/retention_nll"):
+        assert student0[key] == harvest0[key]
+    heldout_file = next((workdir / "out" / "tms" / "data").glob("heldout-*-0.jsonl"))
+    base_nll = independent_label_nll(tiny_model_dir, read_jsonl(heldout_file))
+    assert student0["tms/pld"] == pytest.approx(base_nll, rel=1e-4)
+
+
 def test_metrics_reach_trainer_log_history_and_tensorboard(metrics_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

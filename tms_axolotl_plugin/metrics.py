@@ -19,7 +19,8 @@ from tms_axolotl_plugin.logs import get_logger
 from tms_axolotl_plugin.pld import DriftTracker, ScoredAnswer, load_scored_answers, mean_answer_nll
 
 LOG = get_logger(__name__)
-METRICS_ENV = "TMS_METRICS_INPUTS"  # JSON: {"heldout": path, "retention": path, "student_metrics": path}
+# JSON: {"heldout": path, "retention": path, "student_metrics": path, "step0_from": path}
+METRICS_ENV = "TMS_METRICS_INPUTS"
 
 
 def metrics_inputs() -> dict:
@@ -30,7 +31,8 @@ class TMSMetricsCallback(TrainerCallback):
     def __init__(self, trainer, stage: str, metrics_path: Path,
                  heldout: list[ScoredAnswer] | None, retention: list[ScoredAnswer] | None,
                  every: int | None, max_length: int | None = None, batch_size: int = 8,
-                 max_overhead: float = 0.0):
+                 max_overhead: float = 0.0, inputs_key: str = "",
+                 step0_from: Path | None = None):
         self.trainer = trainer
         self.stage = stage
         self.metrics_path = Path(metrics_path)
@@ -40,6 +42,10 @@ class TMSMetricsCallback(TrainerCallback):
         self.max_length = max_length
         self.batch_size = batch_size
         self.max_overhead = max_overhead
+        # Identifies the scored answers, so a value measured elsewhere is reused only if it
+        # scored the same ones.
+        self.inputs_key = inputs_key
+        self.step0_from = Path(step0_from) if step0_from else None
         self.skipped = 0
         self.drift = DriftTracker()
         self.last_step: int | None = None
@@ -49,10 +55,33 @@ class TMSMetricsCallback(TrainerCallback):
             if "tms/pld" in row:
                 self.drift.update(row["tms/pld"])
 
-    def _history(self) -> list[dict]:
-        if not self.metrics_path.exists():
+    def _history(self, path: Path | None = None) -> list[dict]:
+        path = path or self.metrics_path
+        if not path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def _reusable_step0(self) -> dict[str, float] | None:
+        """The harvest run's step-0 values, when this run starts from the same weights and
+        scores the same answers (a student initialised from the base model)."""
+        if self.step0_from is None:
+            return None
+        wanted = {"tms/pld", "tms/pld_drift"} if self.heldout else set()
+        wanted |= {"tms/retention_nll"} if self.retention else set()
+        for row in self._history(self.step0_from):
+            if row.get("step") == 0 and row.get("inputs") == self.inputs_key \
+                    and wanted <= row.keys():
+                return {key: row[key] for key in sorted(wanted)}
+        return None
+
+    def _record(self, state, logs: dict[str, float], seconds: float, **extra) -> None:
+        self.trainer.log(dict(logs))
+        if self.trainer.is_world_process_zero():
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps({"stage": self.stage, "step": state.global_step,
+                                         "seconds": seconds, "inputs": self.inputs_key,
+                                         **logs, **extra}) + "\n")
 
     def _measure(self, state) -> None:
         if state.global_step == self.last_step:
@@ -71,20 +100,23 @@ class TMSMetricsCallback(TrainerCallback):
         self.seconds += elapsed
         self.measurements += 1
         self.last_step = state.global_step
-        if not logs:
-            return
-        self.trainer.log(dict(logs))
-        if self.trainer.is_world_process_zero():
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as handle:
-                handle.write(json.dumps({"stage": self.stage, "step": state.global_step,
-                                         "seconds": elapsed, **logs}) + "\n")
+        if logs:
+            self._record(state, logs, elapsed)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.every is None:
             self.every = max(1, round(state.max_steps / 10))
         self._train_started = time.perf_counter()
-        self._measure(state)
+        reused = self._reusable_step0() if state.global_step == 0 else None
+        if reused is None:
+            self._measure(state)
+            return
+        if "tms/pld" in reused:
+            reused["tms/pld_drift"] = self.drift.update(reused["tms/pld"])
+        self._record(state, reused, 0.0, reused_from=str(self.step0_from))
+        self.last_step = 0
+        LOG.info("tms metrics (%s): step-0 values taken from %s (same weights, same answers)",
+                 self.stage, self.step0_from)
 
     def _within_budget(self) -> bool:
         if not self.max_overhead:
@@ -124,5 +156,9 @@ def metrics_callback(cfg, trainer, tms, stage: str) -> TMSMetricsCallback | None
     else:
         path = Path(inputs["student_metrics"])
     every = tms.pld.eval_steps or cfg.eval_steps or None
+    inputs_key = json.dumps([inputs.get("heldout"), len(heldout or []),
+                             inputs.get("retention"), len(retention or [])])
+    step0_from = inputs.get("step0_from") if stage == "student" else None
     return TMSMetricsCallback(trainer, stage, path, heldout, retention, every,
-                              max_length=cfg.sequence_len, max_overhead=tms.pld.max_overhead)
+                              max_length=cfg.sequence_len, max_overhead=tms.pld.max_overhead,
+                              inputs_key=inputs_key, step0_from=step0_from)

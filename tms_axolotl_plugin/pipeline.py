@@ -392,10 +392,15 @@ class Pipeline:
                  f"{sum(stats.by_checkpoint.values())} regenerated; fallbacks to the original "
                  f"label: {stats.fallback_empty} empty, {stats.fallback_truncated} truncated")
         self._point_run_at_student(entries, checkpoints)
-        os.environ[METRICS_ENV] = json.dumps({
+        student_inputs = {
             **self.metric_inputs,
             "student_metrics": str(self.paths.student / f"metrics-{student_fp}.jsonl"),
-        })
+        }
+        if self.tms.student_init == "base" and not self.tms.harvest_from:
+            # The harvest run also started from the base model: its step-0 values are reused.
+            student_inputs["step0_from"] = str(
+                self.paths.harvest(self.harvest_fp) / "tms_metrics.jsonl")
+        os.environ[METRICS_ENV] = json.dumps(student_inputs)
         return student_fp
 
     def _point_run_at_student(self, entries: list[dict], checkpoints: dict[int, Path]) -> None:

@@ -9,6 +9,7 @@ KL(base || current) up to a constant. Both are computed by `mean_answer_nll`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,49 +43,79 @@ def mean_answer_nll(model, answers: list[ScoredAnswer], batch_size: int = 8,
                     world_size: int = 1) -> float:
     """Mean per-token NLL of the answer tokens given their prompts (prompt tokens masked).
 
-    With several ranks each scores its share and the sums are all-reduced, so every rank
-    returns the same value.
+    Answers are scored in batches of similar length, and the output head runs only over the
+    positions from the batch's earliest answer token on (`logits_to_keep`), which skips most
+    of the vocabulary projection for prompt tokens. With several ranks each scores its share,
+    every rank runs the same number of forward passes (sharded models gather weights inside
+    forward) and the sums are all-reduced, so every rank returns the same value.
     """
     import torch
     import torch.nn.functional as F
 
+    if not answers:
+        raise ValueError("mean_answer_nll needs at least one answer")
     device = next(model.parameters()).device
-    mine = answers[rank::world_size]
+    by_length = sorted(answers, key=lambda a: len(a.prompt_ids) + len(a.answer_ids))
+    mine = by_length[rank::world_size]
+    num_batches = math.ceil(math.ceil(len(answers) / world_size) / batch_size)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # nll sum, token count
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            batch = mine[start : start + batch_size]
-            sequences, labels = [], []
-            for item in batch:
-                ids = list(item.prompt_ids) + list(item.answer_ids)
-                lab = [IGNORE_INDEX] * len(item.prompt_ids) + list(item.answer_ids)
-                if max_length:
-                    ids, lab = ids[:max_length], lab[:max_length]
-                sequences.append(ids)
-                labels.append(lab)
-            width = max(len(s) for s in sequences)
-            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            target = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            for row, (ids, lab) in enumerate(zip(sequences, labels, strict=True)):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention[row, : len(ids)] = 1
-                target[row, : len(lab)] = torch.tensor(lab)
-            logits = model(input_ids=input_ids.to(device),
-                           attention_mask=attention.to(device)).logits.float()
-            shifted = target[:, 1:].to(device)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+        for index in range(num_batches):
+            batch = mine[index * batch_size : (index + 1) * batch_size]
+            counted = bool(batch)
+            if not counted:  # this rank's share ran out; keep forward calls in step
+                batch = by_length[:1]
+            input_ids, attention, target, first_answer = _padded_batch(batch, max_length)
+            width = input_ids.shape[1]
+            # Logits at position p predict token p+1: keep positions first_answer-1 .. width-1.
+            keep = min(width, max(1, width - first_answer + 1))
+            logits = _logits(model, input_ids.to(device), attention.to(device), keep)
+            shifted = target[:, width - logits.shape[1] + 1 :].to(device)
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                   shifted.reshape(-1), ignore_index=IGNORE_INDEX,
                                   reduction="sum")
-            totals[0] += nll.double()
-            totals[1] += (shifted != IGNORE_INDEX).sum()
+            if counted:
+                totals[0] += nll.double()
+                totals[1] += (shifted != IGNORE_INDEX).sum()
     if was_training:
         model.train()
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     return float(totals[0] / totals[1].clamp(min=1))
+
+
+def _padded_batch(batch: list[ScoredAnswer], max_length: int | None):
+    """Right-padded ids, attention mask and answer-only targets; and the earliest answer start."""
+    import torch
+
+    rows = []
+    for item in batch:
+        ids = list(item.prompt_ids) + list(item.answer_ids)
+        labels = [IGNORE_INDEX] * len(item.prompt_ids) + list(item.answer_ids)
+        if max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+        rows.append((ids, labels, min(len(item.prompt_ids), len(ids))))
+    width = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, labels, _) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        target[row, : len(labels)] = torch.tensor(labels)
+    return input_ids, attention, target, min(start for _, _, start in rows)
+
+
+def _logits(model, input_ids, attention, keep: int):
+    """Logits of the last `keep` positions; all positions for models without logits_to_keep."""
+    try:
+        return model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+    except TypeError as error:
+        if "logits_to_keep" not in str(error):
+            raise
+        return model(input_ids=input_ids, attention_mask=attention).logits
 
 
 class DriftTracker:
