@@ -143,3 +143,9 @@ def test_plugin_keys_survive_only_when_plugins_are_prepared_first(tmp_path, cfg_
     prepare_plugins(cfg)
     kept = validate_config(cfg)
     assert kept.tms["alpha"] == 0.5
+
+
+def test_missing_multiple_choice_file_is_rejected(tmp_path, cfg_for):
+    with pytest.raises(Exception) as excinfo:
+        load(tmp_path, cfg_for(tms={"retention": {"mc_path": str(tmp_path / "mmlu.jsonl")}}))
+    assert "mc_path" in str(excinfo.value) and "is not a file" in str(excinfo.value)

@@ -6,10 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.evaluation import (
     MultipleChoice,
     answer_is_correct,
     letter_token_ids,
+    load_multiple_choice,
     multiple_choice_accuracy,
     multiple_choice_prompt,
 )
@@ -60,3 +62,24 @@ def test_prompt_lists_lettered_choices():
 ])
 def test_gsm8k_answer_scoring(completion, reference, correct):
     assert answer_is_correct(completion, reference) is correct
+
+
+def test_multiple_choice_file_loads_with_a_cap(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(mmlu_stem_jsonl().read_text().splitlines()[:5]) + "\n\n")
+    items = load_multiple_choice(path, limit=3)
+    assert len(items) == 3 and all(0 <= item.answer < len(item.choices) for item in items)
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"question": "Q?", "choices": ["a", "b"], "answer": 2}', "`answer` must be the index"),
+    ('{"question": "Q?", "choices": ["a"], "answer": 0}', "`choices` must be a list of 2 to 10"),
+    ('{"choices": ["a", "b"], "answer": 0}', "`question` must be a non-empty string"),
+    ('{"question": "Q?", "choices": ["a", "b"], "answer": true}', "`answer` must be the index"),
+    ("not json", "not valid JSON"),
+])
+def test_bad_multiple_choice_rows_name_the_line_and_the_problem(tmp_path, row, message):
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"question": "ok?", "choices": ["a", "b"], "answer": 1}\n' + row + "\n")
+    with pytest.raises(TMSError, match=f"line 2: {message}"):
+        load_multiple_choice(path)

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_ok, base_config, read_jsonl, run_axolotl_train, write_config
+from tms_axolotl_plugin.offline_assets import mmlu_stem_jsonl
 from tms_axolotl_plugin.pld import DriftTracker
 
 HELDOUT = 8
+MC_QUESTIONS = 6
 
 
 def test_pld_drift_is_value_minus_running_minimum():
@@ -25,6 +27,8 @@ def test_pld_drift_is_value_minus_running_minimum():
 @pytest.fixture(scope="module")
 def metrics_run(tmp_path_factory, tiny_model_dir, short_answer_data):
     workdir = tmp_path_factory.mktemp("tms_metrics")
+    questions = mmlu_stem_jsonl().read_text().splitlines()[:MC_QUESTIONS + 4]
+    (workdir / "mc.jsonl").write_text("\n".join(questions) + "\n")
     cfg = base_config(
         tiny_model_dir, short_answer_data, workdir / "out",
         sequence_len=256, micro_batch_size=1, num_epochs=2, learning_rate=6e-3,
@@ -32,7 +36,9 @@ def metrics_run(tmp_path_factory, tiny_model_dir, short_answer_data):
         plugins=["tms_axolotl_plugin.TMSPlugin"],
         tms={"num_checkpoints": 2, "seed": 5,
              "pld": {"heldout_size": HELDOUT, "eval_steps": 1, "max_overhead": 0},
-             "retention": {"max_prompts": 8, "max_new_tokens": 16},
+             "retention": {"max_prompts": 8, "max_new_tokens": 16,
+                           "mc_path": str(workdir / "mc.jsonl"),
+                           "mc_max_questions": MC_QUESTIONS},
              "generation": {"max_new_tokens": 12, "batch_size": 8}},
     )
     cfg.pop("max_steps")
@@ -104,6 +110,7 @@ def test_metrics_are_logged_in_both_stages_at_the_cadence(metrics_run):
             lowest = min(lowest, row["tms/pld"])
             assert row["tms/pld_drift"] == pytest.approx(row["tms/pld"] - lowest)
             assert row["tms/retention_nll"] > 0
+            assert row["tms/retention_mc_acc"] * MC_QUESTIONS in range(MC_QUESTIONS + 1)
     assert "tms metrics (harvest):" in first and "tms metrics (student):" in first
 
 
@@ -113,11 +120,20 @@ def test_student_step0_reuses_the_harvest_baseline_which_is_the_base_models_valu
     harvest0, student0 = harvest_metrics(workdir)[0], student_metrics(workdir)[0]
     assert student0["step"] == 0 and student0["reused_from"].endswith("tms_metrics.jsonl")
     assert "reused_from" not in harvest0
-    for key in ("tms/pld", "tms/retention_nll"):
+    for key in ("tms/pld", "tms/retention_nll", "tms/retention_mc_acc"):
         assert student0[key] == harvest0[key]
     heldout_file = next((workdir / "out" / "tms" / "data").glob("heldout-*-0.jsonl"))
     base_nll = independent_label_nll(tiny_model_dir, read_jsonl(heldout_file))
     assert student0["tms/pld"] == pytest.approx(base_nll, rel=1e-4)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tms_axolotl_plugin.evaluation import load_multiple_choice, multiple_choice_accuracy
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    items = load_multiple_choice(workdir / "mc.jsonl", MC_QUESTIONS)
+    assert student0["tms/retention_mc_acc"] == multiple_choice_accuracy(
+        base, AutoTokenizer.from_pretrained(tiny_model_dir), items)
 
 
 def test_metrics_reach_trainer_log_history_and_tensorboard(metrics_run):
@@ -155,7 +171,7 @@ def test_tms_report_writes_plots_and_a_summary_with_correlations(metrics_run, tm
                            str(workdir / "out"), "--out", str(tmp_path / "report")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("pld.png", "retention.png", "drift_vs_retention.png"):
+    for name in ("pld.png", "retention.png", "drift_vs_retention.png", "retention_mc_acc.png"):
         image = tmp_path / "report" / name
         assert image.stat().st_size > 5000 and image.read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())

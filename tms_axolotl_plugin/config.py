@@ -246,9 +246,20 @@ class RetentionConfig(_Section):
     )
     mc_path: str | None = Field(
         default=None,
-        description="Optional MMLU-style .jsonl (`question`, `choices`, `answer` index) for "
-        "`tms/retention_mc_acc` by log-likelihood.",
+        description="Optional MMLU-style .jsonl (`question`, `choices` list, `answer` index) "
+        "for `tms/retention_mc_acc`: the share of questions whose correct letter is the most "
+        "likely first token of the reply.",
     )
+    mc_max_questions: int = Field(
+        default=200, ge=1, description="Cap on `mc_path` questions scored per evaluation."
+    )
+
+    @field_validator("mc_path")
+    @classmethod
+    def _mc_file_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"mc_path {path!r} is not a file")
+        return str(Path(path).resolve()) if path else path
 
 
 class TMSConfig(_Section):

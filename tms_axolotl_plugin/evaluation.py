@@ -1,10 +1,13 @@
-"""Evaluation used by the replication bench: GSM8K answer accuracy and multiple-choice accuracy
-by log-likelihood (MMLU-style). Plain functions over a model and tokenizer."""
+"""Multiple-choice accuracy by log-likelihood (MMLU-style; `tms/retention_mc_acc` and the
+replication bench) and GSM8K answer scoring. Plain functions over a model and tokenizer."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.offline_assets import extract_final_number
 
 LETTERS = "ABCDEFGHIJ"
@@ -15,6 +18,35 @@ class MultipleChoice:
     question: str
     choices: tuple[str, ...]
     answer: int  # index into choices
+
+
+def load_multiple_choice(path: Path, limit: int | None = None) -> list[MultipleChoice]:
+    """MMLU-style JSONL rows: `question` (str), `choices` (2-10 str), `answer` (0-based index)."""
+    items = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TMSError(f"{where}: not valid JSON ({error})") from None
+        question, choices, answer = row.get("question"), row.get("choices"), row.get("answer")
+        if not isinstance(question, str) or not question.strip():
+            raise TMSError(f"{where}: `question` must be a non-empty string")
+        if not (isinstance(choices, list) and 2 <= len(choices) <= len(LETTERS)
+                and all(isinstance(c, str) for c in choices)):
+            raise TMSError(f"{where}: `choices` must be a list of 2 to {len(LETTERS)} strings")
+        if not isinstance(answer, int) or isinstance(answer, bool) \
+                or not 0 <= answer < len(choices):
+            raise TMSError(f"{where}: `answer` must be the index (0..{len(choices) - 1}) of "
+                           f"the correct choice, got {answer!r}")
+        items.append(MultipleChoice(question, tuple(choices), answer))
+        if limit and len(items) == limit:
+            break
+    if not items:
+        raise TMSError(f"{path} holds no multiple-choice questions")
+    return items
 
 
 def multiple_choice_prompt(item: MultipleChoice) -> str:
@@ -60,8 +92,14 @@ def multiple_choice_accuracy(model, tokenizer, items: list[MultipleChoice],
                 input_ids[row, width - len(prompt):] = torch.tensor(prompt)
                 attention[row, width - len(prompt):] = 1
             position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                           position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
+                      "position_ids": position_ids.to(device)}
+            try:
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+            except TypeError as error:  # models without logits_to_keep
+                if "logits_to_keep" not in str(error):
+                    raise
+                logits = model(**inputs).logits[:, -1]
             for row, item in enumerate(batch):
                 letters = letter_token_ids(tokenizer, len(item.choices))
                 correct += int(int(logits[row, letters].argmax()) == item.answer)

@@ -1,4 +1,5 @@
-"""`TMSMetricsCallback`: PLD, PLD drift and retention NLL during the harvest and student runs.
+"""`TMSMetricsCallback`: PLD, PLD drift, retention NLL and (optionally) multiple-choice retention
+accuracy during the harvest and student runs.
 
 Values go through `trainer.log`, so they reach every reporter the config enables (TensorBoard,
 W&B, ...) and the trainer state's log history; rank 0 also appends them to a JSON-lines file
@@ -32,12 +33,14 @@ class TMSMetricsCallback(TrainerCallback):
                  heldout: list[ScoredAnswer] | None, retention: list[ScoredAnswer] | None,
                  every: int | None, max_length: int | None = None, batch_size: int = 8,
                  max_overhead: float = 0.0, inputs_key: str = "",
-                 step0_from: Path | None = None):
+                 step0_from: Path | None = None, multiple_choice=None, tokenizer=None):
         self.trainer = trainer
         self.stage = stage
         self.metrics_path = Path(metrics_path)
         self.heldout = heldout or []
         self.retention = retention or []
+        self.multiple_choice = multiple_choice or []  # evaluation.MultipleChoice items
+        self.tokenizer = tokenizer
         self.every = every
         self.max_length = max_length
         self.batch_size = batch_size
@@ -68,6 +71,7 @@ class TMSMetricsCallback(TrainerCallback):
             return None
         wanted = {"tms/pld", "tms/pld_drift"} if self.heldout else set()
         wanted |= {"tms/retention_nll"} if self.retention else set()
+        wanted |= {"tms/retention_mc_acc"} if self.multiple_choice else set()
         for row in self._history(self.step0_from):
             if row.get("step") == 0 and row.get("inputs") == self.inputs_key \
                     and wanted <= row.keys():
@@ -96,6 +100,12 @@ class TMSMetricsCallback(TrainerCallback):
         if self.retention:
             logs["tms/retention_nll"] = mean_answer_nll(model, self.retention, self.batch_size,
                                                         self.max_length)
+        if self.multiple_choice:
+            from tms_axolotl_plugin.evaluation import multiple_choice_accuracy
+
+            # Every rank scores all questions, so sharded models run the same forward calls.
+            logs["tms/retention_mc_acc"] = multiple_choice_accuracy(
+                model, self.tokenizer, self.multiple_choice, self.batch_size)
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
         self.measurements += 1
@@ -149,7 +159,13 @@ def metrics_callback(cfg, trainer, tms, stage: str) -> TMSMetricsCallback | None
         heldout = load_scored_answers(Path(inputs["heldout"]))[: tms.pld.max_examples]
     if tms.retention.enabled and inputs.get("retention"):
         retention = load_scored_answers(Path(inputs["retention"]))[: tms.retention.max_prompts]
-    if not heldout and not retention:
+    multiple_choice = None
+    if tms.retention.enabled and tms.retention.mc_path:
+        from tms_axolotl_plugin.evaluation import load_multiple_choice
+
+        multiple_choice = load_multiple_choice(Path(tms.retention.mc_path),
+                                               tms.retention.mc_max_questions)
+    if not heldout and not retention and not multiple_choice:
         return None
     if stage == "harvest":
         path = Path(cfg.output_dir) / "tms_metrics.jsonl"
@@ -157,8 +173,12 @@ def metrics_callback(cfg, trainer, tms, stage: str) -> TMSMetricsCallback | None
         path = Path(inputs["student_metrics"])
     every = tms.pld.eval_steps or cfg.eval_steps or None
     inputs_key = json.dumps([inputs.get("heldout"), len(heldout or []),
-                             inputs.get("retention"), len(retention or [])])
+                             inputs.get("retention"), len(retention or []),
+                             tms.retention.mc_path, len(multiple_choice or [])])
     step0_from = inputs.get("step0_from") if stage == "student" else None
     return TMSMetricsCallback(trainer, stage, path, heldout, retention, every,
                               max_length=cfg.sequence_len, max_overhead=tms.pld.max_overhead,
-                              inputs_key=inputs_key, step0_from=step0_from)
+                              inputs_key=inputs_key, step0_from=step0_from,
+                              multiple_choice=multiple_choice,
+                              tokenizer=getattr(trainer, "processing_class", None)
+                              or getattr(trainer, "tokenizer", None))

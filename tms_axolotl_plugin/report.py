@@ -114,6 +114,11 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
                  out_dir / "pld.png")
     _plot_metric(runs, "tms/retention_nll", "retention NLL of base answers (nats/token)",
                  out_dir / "retention.png")
+    plots = ["pld.png", "retention.png", "drift_vs_retention.png"]
+    if any(data.series("tms/retention_mc_acc")[0] for run in runs for data in run.stages.values()):
+        _plot_metric(runs, "tms/retention_mc_acc", "multiple-choice retention accuracy",
+                     out_dir / "retention_mc_acc.png")
+        plots.append("retention_mc_acc.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     all_points: list[tuple[float, float]] = []
@@ -138,12 +143,13 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
     fig.savefig(out_dir / "drift_vs_retention.png", dpi=120)
     plt.close(fig)
 
-    summary = {"runs": [], "drift_vs_retention": overall}
+    summary = {"runs": [], "drift_vs_retention": overall, "plots": plots}
     for run in runs:
         entry = {"run": run.name}
         for stage, data in run.stages.items():
             _, pld = data.series("tms/pld")
             _, retention = data.series("tms/retention_nll")
+            _, accuracy = data.series("tms/retention_mc_acc")
             entry[stage] = {
                 "points": len(data.rows),
                 "pld_first": pld[0] if pld else None, "pld_last": pld[-1] if pld else None,
@@ -151,6 +157,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
                 "pld_final_drift": (pld[-1] - min(pld)) if pld else None,
                 "retention_nll_first": retention[0] if retention else None,
                 "retention_nll_last": retention[-1] if retention else None,
+                "retention_mc_acc_first": accuracy[0] if accuracy else None,
+                "retention_mc_acc_last": accuracy[-1] if accuracy else None,
                 "drift_vs_retention": correlation(data.retention_loss()),
             }
         summary["runs"].append(entry)
@@ -166,16 +174,19 @@ def _fmt(value) -> str:
 def _markdown(summary: dict) -> str:
     lines = ["# TMS report", "",
              "| run | stage | PLD first | PLD last | PLD final drift | retention NLL first | "
-             "retention NLL last |", "|---|---|---|---|---|---|---|"]
+             "retention NLL last | MC accuracy first | MC accuracy last |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in summary["runs"]:
         for stage in ("harvest", "student"):
             if stage in run:
                 s = run[stage]
                 lines.append(f"| {run['run']} | {STAGE_LABELS[stage]} | {_fmt(s['pld_first'])} | "
                              f"{_fmt(s['pld_last'])} | {_fmt(s['pld_final_drift'])} | "
-                             f"{_fmt(s['retention_nll_first'])} | {_fmt(s['retention_nll_last'])} |")
+                             f"{_fmt(s['retention_nll_first'])} | {_fmt(s['retention_nll_last'])} | "
+                             f"{_fmt(s['retention_mc_acc_first'])} | "
+                             f"{_fmt(s['retention_mc_acc_last'])} |")
     c = summary["drift_vs_retention"]
     lines += ["", f"PLD drift vs retention loss over {c['points']} points: Pearson r = "
               f"{_fmt(c['pearson'])}, Spearman rho = {_fmt(c['spearman'])}.", "",
-              "Plots: pld.png, retention.png, drift_vs_retention.png", ""]
+              "Plots: " + ", ".join(summary["plots"]), ""]
     return "\n".join(lines)
