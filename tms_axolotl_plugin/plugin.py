@@ -7,7 +7,7 @@ plain Axolotl run. With a `tms:` block, one `axolotl train` runs the method:
 - in the harvest child run (`TMS_STAGE=harvest`), `add_callbacks_post_trainer` adds the callback
   that saves the T weights-only checkpoints; in both runs it adds the PLD/retention callback;
 - `post_train_unload` (after the final model is saved) records that the student finished, so
-  a re-run skips it.
+  a re-run skips it; not when training failed or was interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def _stage() -> str:
 
 class TMSPlugin(BasePlugin):
     """Trajectory-Mixed Supervision: harvest T SFT checkpoints, regenerate labels, train a student."""
+
+    training_finished = False
 
     def get_input_args(self) -> str:
         return "tms_axolotl_plugin.config.TMSArgs"
@@ -71,11 +73,19 @@ class TMSPlugin(BasePlugin):
         callbacks.append(metrics_callback(cfg, trainer, tms, stage))
         return [c for c in callbacks if c is not None]
 
+    def post_train(self, cfg, model):
+        self.training_finished = True  # called only after trainer.train() returned
+
     def post_train_unload(self, cfg):
         if tms_config_from(cfg) is None or _stage() == "harvest":
             return
+        import sys
+
         from tms_axolotl_plugin import ranks
         from tms_axolotl_plugin.pipeline import mark_student_done
 
-        if ranks.rank() == 0:
+        # Axolotl calls this from a `finally:`, also when training or saving failed or was
+        # interrupted; only a run that finished and saved without an exception is done.
+        failed = sys.exc_info()[0] is not None
+        if ranks.rank() == 0 and self.training_finished and not failed:
             mark_student_done(cfg)
