@@ -15,6 +15,7 @@ from tms_axolotl_plugin.training_examples import TrainingExample
 
 CHAT = {"type": "chat_template", "field_messages": "messages"}
 ALPACA = {"type": "alpaca"}
+SEQ = 512  # sequence_len: every test prompt fits
 
 
 def chat_row(question: str, answer: str) -> dict:
@@ -63,7 +64,7 @@ def last_content(row: dict) -> str:
 def test_rows_come_in_epoch_blocks_in_example_order():
     examples = [example(i) for i in range(3)]
     plan = plan_of([[0, 2], [1, 0], [0, 0]])
-    (rows,), stats = build_student_rows(examples, plan, store_for(examples, plan), [CHAT])
+    (rows,), stats = build_student_rows(examples, plan, store_for(examples, plan), [CHAT], SEQ)
     assert [row["id"] for row in rows] == ["q0", "q1", "q2", "q0", "q1", "q2"]
     assert [row[DRAW_FIELD] for row in rows] == [0, 1, 0, 2, 0, 0]
     assert [row[TARGET_FIELD] for row in rows] == [0, 1, 0, 2, 0, 0]
@@ -74,7 +75,7 @@ def test_original_label_rows_are_the_row_unchanged():
     examples = [example(i) for i in range(2)]
     before = copy.deepcopy([e.row for e in examples])
     plan = plan_of([[0], [0]])
-    (rows,), stats = build_student_rows(examples, plan, {}, [CHAT])
+    (rows,), stats = build_student_rows(examples, plan, {}, [CHAT], SEQ)
     for row, original in zip(rows, before, strict=True):
         assert {k: v for k, v in row.items() if k not in (DRAW_FIELD, TARGET_FIELD)} == original
     assert stats.original_labels == 2 and not stats.by_checkpoint
@@ -91,7 +92,7 @@ def test_regenerated_rows_carry_the_stored_text_in_the_last_assistant_message():
     before = copy.deepcopy([e.row for e in examples])
     plan = plan_of([[3, 1], [2, 0]])
     labels = store_for(examples, plan)
-    (rows,), stats = build_student_rows(examples, plan, labels, [CHAT])
+    (rows,), stats = build_student_rows(examples, plan, labels, [CHAT], SEQ)
     assert last_content(rows[0]) == labels[(examples[0].key, 3)].text
     assert last_content(rows[1]) == labels[(examples[1].key, 2)].text
     assert [m["content"] for m in rows[1]["messages"][:3]] == ["Hi", "Hello", "2+2?"]
@@ -108,7 +109,8 @@ def test_rows_go_to_their_own_dataset_entry():
     plan = plan_of([[0], [4], [1]])
     labels = store_for(examples, plan)
     labels[(examples[1].key, 4)] = generated(examples[1], 4, "Hello there")
-    (chat_rows, alpaca_rows), stats = build_student_rows(examples, plan, labels, [CHAT, ALPACA])
+    (chat_rows, alpaca_rows), stats = build_student_rows(examples, plan, labels,
+                                                         [CHAT, ALPACA], SEQ)
     assert [r["id"] for r in chat_rows] == ["q0", "q2"]
     assert alpaca_rows == [{**alpaca_row, "output": "Hello there", DRAW_FIELD: 4,
                             TARGET_FIELD: 4}]
@@ -129,7 +131,7 @@ def test_unusable_answer_falls_back_to_the_original_label_and_is_counted(text, f
     plan = plan_of([[2, 2], [3, 0]])
     labels = store_for(examples, plan)
     labels[(examples[0].key, 2)] = generated(examples[0], 2, text, finish)
-    (rows,), stats = build_student_rows(examples, plan, labels, [CHAT])
+    (rows,), stats = build_student_rows(examples, plan, labels, [CHAT], SEQ)
     fallen_back = [rows[0], rows[2]]  # example 0 in both epochs
     for row in fallen_back:
         assert last_content(row) == "label 0"
@@ -147,13 +149,13 @@ def test_missing_store_entry_raises_key_error_naming_example_and_checkpoint():
     examples = [example(0), example(1)]
     plan = plan_of([[0], [3]])
     with pytest.raises(KeyError, match="example 1 from checkpoint 3"):
-        build_student_rows(examples, plan, {}, [CHAT])
+        build_student_rows(examples, plan, {}, [CHAT], SEQ)
 
 
 def test_unusable_example_keeps_its_row_and_needs_no_generated_answer():
     examples = [example(0, usable=False), example(1)]
     plan = plan_of([[2, 1], [0, 0]])
-    (rows,), stats = build_student_rows(examples, plan, {}, [CHAT])
+    (rows,), stats = build_student_rows(examples, plan, {}, [CHAT], SEQ)
     assert [last_content(r) for r in rows] == ["label 0", "label 1", "label 0", "label 1"]
     assert [r[DRAW_FIELD] for r in rows] == [2, 0, 1, 0]
     assert all(r[TARGET_FIELD] == 0 for r in rows)
@@ -161,11 +163,23 @@ def test_unusable_example_keeps_its_row_and_needs_no_generated_answer():
     assert stats.original_labels == 4
 
 
+def test_prompt_that_fills_the_sequence_keeps_its_row_and_needs_no_generated_answer():
+    examples = [example(0), example(1)]  # 3-token prompts
+    plan = plan_of([[2, 1], [1, 0]])
+    labels = {k: v for k, v in store_for(examples, plan).items() if k[0] == examples[1].key}
+    (rows,), stats = build_student_rows(examples, plan, labels, [CHAT], sequence_len=3)
+    assert [r[TARGET_FIELD] for r in rows] == [0, 0, 0, 0]  # neither prompt leaves room
+    assert stats.prompt_fills_sequence == 2 and stats.unusable_examples == 0
+    (rows,), stats = build_student_rows(examples, plan, labels | store_for(examples, plan),
+                                        [CHAT], sequence_len=4)
+    assert [r[TARGET_FIELD] for r in rows] == [2, 1, 1, 0] and stats.prompt_fills_sequence == 0
+
+
 def test_stats_as_dict_is_json_friendly():
     examples = [example(0), example(1)]
     plan = plan_of([[2, 0], [3, 2]])
     labels = store_for(examples, plan, {(1, 3): ("", "length")})
-    _, stats = build_student_rows(examples, plan, labels, [CHAT])
+    _, stats = build_student_rows(examples, plan, labels, [CHAT], SEQ)
     assert stats.as_dict() == {
         "rows": 4,
         "original_labels": 2,
@@ -173,4 +187,5 @@ def test_stats_as_dict_is_json_friendly():
         "fallback_empty": 0,
         "fallback_truncated": 1,
         "unusable_examples": 0,
+        "prompt_fills_sequence": 0,
     }

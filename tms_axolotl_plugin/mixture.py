@@ -33,6 +33,7 @@ class MixtureStats:
     fallback_empty: int = 0
     fallback_truncated: int = 0
     unusable_examples: int = 0  # rows without a separable prompt/answer: kept as they are
+    prompt_fills_sequence: int = 0  # prompts of sequence_len tokens or more: kept as they are
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class MixtureStats:
             "fallback_empty": self.fallback_empty,
             "fallback_truncated": self.fallback_truncated,
             "unusable_examples": self.unusable_examples,
+            "prompt_fills_sequence": self.prompt_fills_sequence,
         }
 
 
@@ -50,16 +52,23 @@ def build_student_rows(
     plan: DrawPlan,
     labels: dict[tuple[str, int], GeneratedLabel],
     dataset_configs: list[Any],
+    sequence_len: int,
 ) -> tuple[list[list[dict[str, Any]]], MixtureStats]:
-    """Rows per `datasets:` entry, epoch blocks in order; plus what was used."""
+    """Rows per `datasets:` entry, epoch blocks in order; plus what was used.
+
+    Examples no checkpoint could answer (no separable answer, or a prompt that fills the
+    sequence) keep their original row in every epoch.
+    """
     rows: list[list[dict[str, Any]]] = [[] for _ in dataset_configs]
     stats = MixtureStats()
     for epoch in range(plan.num_epochs):
         for index, example in enumerate(examples):
             draw = int(plan.targets[index, epoch])
-            target = draw if example.usable else LABEL
-            if not example.usable:
-                stats.unusable_examples += epoch == 0
+            target = draw if example.can_regenerate(sequence_len) else LABEL
+            if epoch == 0 and not example.usable:
+                stats.unusable_examples += 1
+            elif epoch == 0 and not example.can_regenerate(sequence_len):
+                stats.prompt_fills_sequence += 1
             row = example.row
             if target != LABEL:
                 answer = labels.get((example.key, target))

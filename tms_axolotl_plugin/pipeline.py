@@ -188,13 +188,15 @@ class Pipeline:
     def prepare_data(self, tokenizer) -> None:
         check_trainable(self.cfg)
         examples = load_training_examples(self.cfg, tokenizer)
+        count = heldout_count(self.cfg, self.tms, len(examples))
+        seed = self.cfg.seed or 0
+        # The split is part of the data: a different held-out set is different training data.
         self.data_fp = fingerprint(
             [e.row for e in examples], [dict(d) for d in self.dataset_configs],
             tokenizer.name_or_path, getattr(tokenizer, "chat_template", None),
-            self.cfg.sequence_len, self.cfg.chat_template,
+            self.cfg.sequence_len, self.cfg.chat_template, count, seed,
         )
-        count = heldout_count(self.cfg, self.tms, len(examples))
-        self.train, self.heldout = split_heldout(examples, count, self.cfg.seed or 0)
+        self.train, self.heldout = split_heldout(examples, count, seed)
         n = len(self.dataset_configs)
         stem = f"{self.data_fp}"
         self.train_entries = write_dataset_files(
@@ -218,7 +220,8 @@ class Pipeline:
 
         self.metric_inputs: dict[str, str] = {}
         if self.tms.pld.enabled and self.heldout:
-            path = self.paths.data / f"heldout-{self.data_fp}.scored.jsonl"
+            path = (self.paths.data
+                    / f"heldout-{self.data_fp}-max{self.tms.pld.max_examples}.scored.jsonl")
             scored = [ScoredAnswer(tuple(e.prompt_ids), tuple(e.answer_ids))
                       for e in self.heldout if e.usable][: self.tms.pld.max_examples]
             if ranks.rank() == 0 and not path.exists():
@@ -299,10 +302,10 @@ class Pipeline:
         seen, requests = set(), []
         for index, t in plan.needed_pairs():
             example = self.train[index]
-            room = self.cfg.sequence_len - len(example.prompt_ids)
-            if not example.usable or room < 1 or (example.key, t) in seen:
+            if not example.can_regenerate(self.cfg.sequence_len) or (example.key, t) in seen:
                 continue
             seen.add((example.key, t))
+            room = self.cfg.sequence_len - len(example.prompt_ids)
             requests.append(GenerationRequest(example.key, t, tuple(example.prompt_ids),
                                               min(cap, room)))
         return requests
@@ -376,7 +379,8 @@ class Pipeline:
     # -- stage 3: student ------------------------------------------------------------------
     def student(self, plan: DrawPlan, store: LabelStore, checkpoints: dict[int, Path]) -> str:
         labels = store.load()
-        rows, stats = build_student_rows(self.train, plan, labels, self.dataset_configs)
+        rows, stats = build_student_rows(self.train, plan, labels, self.dataset_configs,
+                                         self.cfg.sequence_len)
         g = self.tms.generation
         student_fp = fingerprint(
             self.generation_fp(), plan.targets.tolist(), self.tms.student_init,

@@ -96,9 +96,11 @@ def _simplify_fracs(text: str) -> str:
         if numerator is None:
             break
         denominator = _braced(text, numerator[1])
+        if denominator is None and numerator[1] < len(text) and text[numerator[1]].isalnum():
+            denominator = (text[numerator[1]], numerator[1] + 1)  # \frac{\sqrt{3}}2
         if denominator is None:
             break
-        parts = [p if re.fullmatch(r"[-\w.]+", p) else f"({p})"
+        parts = [p if re.fullmatch(r"-?\\?[\w.]+", p) else f"({p})"
                  for p in (numerator[0], denominator[0])]
         text = text[:start] + f"{parts[0]}/{parts[1]}" + text[denominator[1]:]
     return text

@@ -36,6 +36,10 @@ class TrainingExample:
     def usable(self) -> bool:
         return bool(self.prompt_ids) and bool(self.answer_ids)
 
+    def can_regenerate(self, sequence_len: int) -> bool:
+        """A checkpoint can answer it: it has a separable prompt that leaves room for tokens."""
+        return self.usable and len(self.prompt_ids) < sequence_len
+
     @property
     def key(self) -> str:
         """Identity of the prompt: identical prompts share a key (and so a checkpoint's answer)."""
