@@ -206,3 +206,11 @@ def test_scheduled_measurements_stay_within_the_overhead_budget(tmp_path):
     assert not callback._within_budget()  # 2 + 2 > 0.03 * 98
     callback.max_overhead = 0
     assert callback._within_budget()  # no limit
+
+
+@pytest.mark.parametrize("every, max_steps, expected", [
+    (None, 40, 4), (None, 3, 1), (5, 40, 5), (0.25, 40, 10), (0.01, 40, 1)])
+def test_cadence_default_count_and_fraction_of_the_run(every, max_steps, expected):
+    from tms_axolotl_plugin.metrics import cadence
+
+    assert cadence(every, max_steps) == expected

@@ -91,6 +91,8 @@ def run_harvest(config_path: Path, num_processes: int, log_path: Path) -> None:
     command = harvest_command(config_path, num_processes)
     LOG.info("tms harvest: %s (log: %s)", " ".join(command), log_path)
     env = clean_launch_env({STAGE_ENV: "harvest"})
+    for key in ("WANDB_RUN_ID", "WANDB_RESUME"):  # would attach the harvest to the outer run
+        env.pop(key, None)
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)

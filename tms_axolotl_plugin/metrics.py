@@ -28,6 +28,16 @@ def metrics_inputs() -> dict:
     return json.loads(os.environ.get(METRICS_ENV, "{}"))
 
 
+def cadence(every: float | None, max_steps: int) -> int:
+    """Steps between measurements: a tenth of the run by default; a value below 1 is a
+    fraction of the run, as the Trainer reads `eval_steps` (Axolotl's `evals_per_epoch`)."""
+    if every is None:
+        return max(1, round(max_steps / 10))
+    if every < 1:
+        return max(1, round(every * max_steps))
+    return int(every)
+
+
 class TMSMetricsCallback(TrainerCallback):
     def __init__(self, trainer, stage: str, metrics_path: Path,
                  heldout: list[ScoredAnswer] | None, retention: list[ScoredAnswer] | None,
@@ -50,6 +60,7 @@ class TMSMetricsCallback(TrainerCallback):
         self.inputs_key = inputs_key
         self.step0_from = Path(step0_from) if step0_from else None
         self.skipped = 0
+        self.last_skipped: int | None = None
         self.drift = DriftTracker()
         self.last_step: int | None = None
         self.seconds = 0.0
@@ -93,13 +104,16 @@ class TMSMetricsCallback(TrainerCallback):
         started = time.perf_counter()
         model = self.trainer.model
         logs: dict[str, float] = {}
+        # Each rank scores its share; the sums are all-reduced.
+        share = {"rank": self.trainer.args.process_index,
+                 "world_size": self.trainer.args.world_size}
         if self.heldout:
-            pld = mean_answer_nll(model, self.heldout, self.batch_size, self.max_length)
+            pld = mean_answer_nll(model, self.heldout, self.batch_size, self.max_length, **share)
             logs["tms/pld"] = pld
             logs["tms/pld_drift"] = self.drift.update(pld)
         if self.retention:
             logs["tms/retention_nll"] = mean_answer_nll(model, self.retention, self.batch_size,
-                                                        self.max_length)
+                                                        self.max_length, **share)
         if self.multiple_choice:
             from tms_axolotl_plugin.evaluation import multiple_choice_accuracy
 
@@ -114,8 +128,7 @@ class TMSMetricsCallback(TrainerCallback):
             self._record(state, logs, elapsed)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.every is None:
-            self.every = max(1, round(state.max_steps / 10))
+        self.every = cadence(self.every, state.max_steps)
         self._train_started = time.perf_counter()
         reused = self._reusable_step0() if state.global_step == 0 else None
         if reused is None:
@@ -135,14 +148,30 @@ class TMSMetricsCallback(TrainerCallback):
         per_measurement = self.seconds / max(self.measurements, 1)
         return self.seconds + per_measurement <= self.max_overhead * training
 
+    def _all_ranks_agree(self, decision: bool) -> bool:
+        """Measure only if every rank's clock allows it: sharded models (ZeRO-3, FSDP) need
+        all ranks in the same forward calls."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return decision
+        import torch
+
+        flag = torch.tensor([int(decision)], device=self.trainer.args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            if self._within_budget():
+            if self._all_ranks_agree(self._within_budget()):
                 self._measure(state)
             else:
                 self.skipped += 1
+                self.last_skipped = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.last_skipped == state.global_step:
+            self.skipped -= 1  # the final measurement covers it
         self._measure(state)
         total = time.perf_counter() - self._train_started
         LOG.info("tms metrics (%s): %d measurements, %.1fs of %.1fs training wall time "

@@ -52,8 +52,9 @@ LOG = get_logger(__name__)
 
 # Config keys that only say where outputs go or how they are reported, or whose content the
 # data fingerprint already covers: not part of any stage's fingerprint.
-NON_DETERMINING_KEYS = {"output_dir", "datasets", "test_datasets", "dataset_prepared_path", "wandb_name", "wandb_run_id",
-                        "wandb_project", "wandb_entity", "use_tensorboard", "logging_steps",
+NON_DETERMINING_KEYS = {"output_dir", "datasets", "test_datasets", "dataset_prepared_path",
+                        "wandb_name", "wandb_run_id", "mlflow_run_name", "wandb_project",
+                        "wandb_entity", "use_tensorboard", "logging_steps",
                         "report_to", "hub_model_id", "push_to_hub", "tms",
                         "auto_resume_from_checkpoints", "resume_from_checkpoint",
                         "dataloader_num_workers", "dataloader_prefetch_factor",
@@ -261,6 +262,10 @@ class Pipeline:
         }
         if self.heldout_entries and (self.cfg.val_set_size or 0) > 0:
             harvest_cfg["test_datasets"] = self.heldout_entries
+        # The harvest is its own run in the trackers, not a second writer to the student's.
+        for key in ("wandb_name", "wandb_run_id", "mlflow_run_name"):
+            if harvest_cfg.get(key):
+                harvest_cfg[key] = f"{harvest_cfg[key]}-harvest"
         self.harvest_fp = fingerprint(_training_signature(harvest_cfg), T, self.data_fp)
         harvest_dir = self.paths.harvest(self.harvest_fp)
         harvest_cfg["output_dir"] = str(harvest_dir)
