@@ -139,8 +139,8 @@ class SidecarConfig(_Section):
     )
     api_key: str | None = Field(
         default=None,
-        description="API key sent as a bearer token. For a launched server one is generated "
-        "when unset.",
+        description="API key sent as a bearer token. Unset: for a launched server one is "
+        "generated; for `url`, the `TMS_SIDECAR_API_KEY` environment variable is used if set.",
     )
     startup_timeout_s: float = Field(
         default=900.0,

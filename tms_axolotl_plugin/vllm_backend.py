@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ MAX_RESTARTS = 3
 SEED_MODULUS = 2**31 - 1
 
 
+API_KEY_ENV = "TMS_SIDECAR_API_KEY"
+
+
 @dataclass
 class Switch:
     checkpoint: int
@@ -65,7 +69,8 @@ class VLLMGenerator:
         self.log_dir = Path(log_dir)
         self.sidecar: VLLMSidecar | None = None
         self.url = self.settings.url
-        self.api_key = self.settings.api_key
+        # A key for a server you run yourself can come from the environment (containers).
+        self.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV)
         self.switches: list[Switch] = []
         self.serving: Path | None = None  # the full-weight checkpoint the server has loaded
 
@@ -130,7 +135,7 @@ class VLLMGenerator:
                 if self.sidecar is None:
                     raise TMSError(
                         f"the vLLM server at {self.url} cannot switch to full-weight checkpoint "
-                        f"{path} in place (it needs VLLM_SERVER_DEV_MODE=1 on loopback); use "
+                        f"{path} in place (the server needs VLLM_SERVER_DEV_MODE=1 for that); use "
                         "LoRA checkpoints with a user-provided server, or let the plugin launch "
                         "the server (leave tms.sidecar.url unset)")
                 self._launch(str(path))
