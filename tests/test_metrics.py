@@ -191,6 +191,7 @@ def test_report_on_a_folder_without_metrics_fails_clearly(tmp_path):
 
 
 def test_scheduled_measurements_stay_within_the_overhead_budget(tmp_path):
+    """A scheduled measurement runs only if it and the final one still fit the budget."""
     import time as clock
 
     from tms_axolotl_plugin.metrics import TMSMetricsCallback
@@ -198,12 +199,12 @@ def test_scheduled_measurements_stay_within_the_overhead_budget(tmp_path):
     callback = TMSMetricsCallback(None, "student", tmp_path / "m.jsonl", None, None, every=1,
                                   max_overhead=0.03)
     callback._train_started = clock.perf_counter() - 100.0  # 100 s since training began
-    callback.seconds, callback.measurements = 1.0, 1  # one 1 s measurement so far
-    assert callback._within_budget()  # 1 + 1 <= 0.03 * 99
+    callback.seconds, callback.measurements = 0.9, 1  # one 0.9 s measurement so far
+    assert callback._within_budget()  # 0.9 + 2 * 0.9 <= 0.03 * 99.1
     callback.seconds, callback.measurements = 1.0, 2  # two cheaper ones, same total
-    assert callback._within_budget()  # 1 + 0.5 <= 0.03 * 99
-    callback.seconds, callback.measurements = 2.0, 1
-    assert not callback._within_budget()  # 2 + 2 > 0.03 * 98
+    assert callback._within_budget()  # 1 + 2 * 0.5 <= 0.03 * 99
+    callback.seconds, callback.measurements = 1.0, 1
+    assert not callback._within_budget()  # 1 + 2 * 1 > 0.03 * 99
     callback.max_overhead = 0
     assert callback._within_budget()  # no limit
 

@@ -142,11 +142,12 @@ class TMSMetricsCallback(TrainerCallback):
                  self.stage, self.step0_from)
 
     def _within_budget(self) -> bool:
+        """Room for this measurement and the final one (always taken) within the budget."""
         if not self.max_overhead:
             return True
         training = time.perf_counter() - self._train_started - self.seconds
         per_measurement = self.seconds / max(self.measurements, 1)
-        return self.seconds + per_measurement <= self.max_overhead * training
+        return self.seconds + 2 * per_measurement <= self.max_overhead * training
 
     def _all_ranks_agree(self, decision: bool) -> bool:
         """Measure only if every rank's clock allows it: sharded models (ZeRO-3, FSDP) need
