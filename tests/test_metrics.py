@@ -209,6 +209,24 @@ def test_scheduled_measurements_stay_within_the_overhead_budget(tmp_path):
     assert callback._within_budget()  # no limit
 
 
+def test_budget_uses_the_reused_step0_cost_before_the_run_has_measured(tmp_path):
+    import time as clock
+
+    from tms_axolotl_plugin.metrics import TMSMetricsCallback
+
+    harvest = tmp_path / "harvest.jsonl"
+    harvest.write_text(json.dumps({"step": 0, "seconds": 2.0, "inputs": "k", "tms/pld": 1.5,
+                                   "tms/pld_drift": 0.0}) + "\n")
+    callback = TMSMetricsCallback(None, "student", tmp_path / "m.jsonl",
+                                  [object()], None, every=1, max_overhead=0.03,
+                                  inputs_key="k", step0_from=harvest)
+    assert callback._reusable_step0() == {"tms/pld": 1.5, "tms/pld_drift": 0.0}
+    callback._train_started = clock.perf_counter() - 100.0
+    assert not callback._within_budget()  # 0 + 2 * 2.0 > 0.03 * 100
+    callback._train_started = clock.perf_counter() - 200.0
+    assert callback._within_budget()  # 0 + 2 * 2.0 <= 0.03 * 200
+
+
 @pytest.mark.parametrize("every, max_steps, expected", [
     (None, 40, 4), (None, 3, 1), (5, 40, 5), (0.25, 40, 10), (0.01, 40, 1)])
 def test_cadence_default_count_and_fraction_of_the_run(every, max_steps, expected):

@@ -61,6 +61,7 @@ class TMSMetricsCallback(TrainerCallback):
         self.step0_from = Path(step0_from) if step0_from else None
         self.skipped = 0
         self.last_skipped: int | None = None
+        self.cost_estimate = 0.0  # seconds per measurement before this run has measured
         self.drift = DriftTracker()
         self.last_step: int | None = None
         self.seconds = 0.0
@@ -86,6 +87,8 @@ class TMSMetricsCallback(TrainerCallback):
         for row in self._history(self.step0_from):
             if row.get("step") == 0 and row.get("inputs") == self.inputs_key \
                     and wanted <= row.keys():
+                # What that measurement cost: the budget's estimate until this run measures.
+                self.cost_estimate = float(row.get("seconds", 0.0))
                 return {key: row[key] for key in sorted(wanted)}
         return None
 
@@ -146,7 +149,8 @@ class TMSMetricsCallback(TrainerCallback):
         if not self.max_overhead:
             return True
         training = time.perf_counter() - self._train_started - self.seconds
-        per_measurement = self.seconds / max(self.measurements, 1)
+        per_measurement = (self.seconds / self.measurements if self.measurements
+                           else self.cost_estimate)
         return self.seconds + 2 * per_measurement <= self.max_overhead * training
 
     def _all_ranks_agree(self, decision: bool) -> bool:
