@@ -31,11 +31,22 @@ def sidecar_python() -> str:
     return python
 
 
+def started_by_this_test_run(process: psutil.Process) -> bool:
+    """A descendant of this pytest process, or an orphan (its launcher gone): not a server
+    that some other program on the machine runs."""
+    try:
+        parents = process.parents()
+    except psutil.Error:
+        return False
+    return not parents or parents[0].pid == 1 or any(p.pid == os.getpid() for p in parents)
+
+
 def vllm_processes() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if "vllm.entrypoints.openai.api_server" in cmdline or "VLLM::" in cmdline:
+        if ("vllm.entrypoints.openai.api_server" in cmdline or "VLLM::" in cmdline) \
+                and started_by_this_test_run(process):
             found.append(process)
     return found
 
