@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.offline_assets import extract_final_number
+from tms_axolotl_plugin.pld import last_logits
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -94,12 +95,7 @@ def multiple_choice_accuracy(model, tokenizer, items: list[MultipleChoice],
             position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
                       "position_ids": position_ids.to(device)}
-            try:
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-            except TypeError as error:  # models without logits_to_keep
-                if "logits_to_keep" not in str(error):
-                    raise
-                logits = model(**inputs).logits[:, -1]
+            logits = last_logits(model, 1, **inputs)[:, -1]
             for row, item in enumerate(batch):
                 letters = letter_token_ids(tokenizer, len(item.choices))
                 correct += int(int(logits[row, letters].argmax()) == item.answer)

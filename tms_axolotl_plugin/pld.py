@@ -71,7 +71,8 @@ def mean_answer_nll(model, answers: list[ScoredAnswer], batch_size: int = 8,
             width = input_ids.shape[1]
             # Logits at position p predict token p+1: keep positions first_answer-1 .. width-1.
             keep = min(width, max(1, width - first_answer + 1))
-            logits = _logits(model, input_ids.to(device), attention.to(device), keep)
+            logits = last_logits(model, keep, input_ids=input_ids.to(device),
+                                 attention_mask=attention.to(device))
             shifted = target[:, width - logits.shape[1] + 1 :].to(device)
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                   shifted.reshape(-1), ignore_index=IGNORE_INDEX,
@@ -108,14 +109,14 @@ def _padded_batch(batch: list[ScoredAnswer], max_length: int | None):
     return input_ids, attention, target, min(start for _, _, start in rows)
 
 
-def _logits(model, input_ids, attention, keep: int):
+def last_logits(model, keep: int, **inputs):
     """Logits of the last `keep` positions; all positions for models without logits_to_keep."""
     try:
-        return model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        return model(**inputs, logits_to_keep=keep).logits
     except TypeError as error:
         if "logits_to_keep" not in str(error):
             raise
-        return model(input_ids=input_ids, attention_mask=attention).logits
+        return model(**inputs).logits
 
 
 class DriftTracker:
