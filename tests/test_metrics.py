@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, assert_ok, base_config, read_jsonl, run_axolotl_train, write_config
 from tms_axolotl_plugin.offline_assets import mmlu_stem_jsonl
 from tms_axolotl_plugin.pld import DriftTracker
+from transformers import TrainerState
 
 HELDOUT = 8
 MC_QUESTIONS = 6
@@ -217,10 +218,22 @@ def test_budget_uses_the_reused_step0_cost_before_the_run_has_measured(tmp_path)
     harvest = tmp_path / "harvest.jsonl"
     harvest.write_text(json.dumps({"step": 0, "seconds": 2.0, "inputs": "k", "tms/pld": 1.5,
                                    "tms/pld_drift": 0.0}) + "\n")
-    callback = TMSMetricsCallback(None, "student", tmp_path / "m.jsonl",
+    class LogRecorder:  # the two Trainer methods the callback calls when it records
+        logged: list[dict] = []
+
+        def log(self, logs):
+            self.logged.append(logs)
+
+        def is_world_process_zero(self):
+            return True
+
+    trainer = LogRecorder()
+    callback = TMSMetricsCallback(trainer, "student", tmp_path / "m.jsonl",
                                   [object()], None, every=1, max_overhead=0.03,
                                   inputs_key="k", step0_from=harvest)
-    assert callback._reusable_step0() == {"tms/pld": 1.5, "tms/pld_drift": 0.0}
+    callback.on_train_begin(None, TrainerState(max_steps=100), None)
+    assert trainer.logged == [{"tms/pld": 1.5, "tms/pld_drift": 0.0}]
+    assert callback.measurements == 0 and callback.cost_estimate == 2.0
     callback._train_started = clock.perf_counter() - 100.0
     assert not callback._within_budget()  # 0 + 2 * 2.0 > 0.03 * 100
     callback._train_started = clock.perf_counter() - 200.0

@@ -150,6 +150,7 @@ def test_full_pipeline_harvests_regenerates_and_trains_the_student(full_run, tin
 
     # The student trained through Axolotl's path and the final model exists.
     assert stages(workdir)["student"]["status"] == "done"
+    assert stages(workdir)["student"]["schedule"] == "offline"
     assert (out / "model.safetensors").exists()
 
 

@@ -15,7 +15,7 @@ from tms_axolotl_plugin.plugin import TMSPlugin
 def student_running(tmp_path):
     paths = StagePaths(tmp_path / "tms")
     paths.root.mkdir()
-    record_stage(paths, "student", fingerprint="abc", status="running")
+    record_stage(paths, "student", fingerprint="abc", status="running", schedule="iterative")
     return DictDefault({"output_dir": str(tmp_path), "tms": {"num_checkpoints": 2}}), paths
 
 
@@ -29,6 +29,7 @@ def test_finished_training_marks_the_student_done(student_running):
     plugin.post_train(cfg, model=None)
     plugin.post_train_unload(cfg)
     assert status(paths) == "done"
+    assert read_stages(paths)["student"]["schedule"] == "iterative"  # kept for `tms report`
 
 
 def test_training_that_never_returned_is_not_done(student_running):

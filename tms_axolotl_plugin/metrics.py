@@ -76,9 +76,10 @@ class TMSMetricsCallback(TrainerCallback):
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
-    def _reusable_step0(self) -> dict[str, float] | None:
-        """The harvest run's step-0 values, when this run starts from the same weights and
-        scores the same answers (a student initialised from the base model)."""
+    def _reusable_step0(self) -> tuple[dict[str, float], float] | None:
+        """The harvest run's step-0 values and what measuring them cost, when this run starts
+        from the same weights and scores the same answers (a student initialised from the
+        base model)."""
         if self.step0_from is None:
             return None
         wanted = {"tms/pld", "tms/pld_drift"} if self.heldout else set()
@@ -87,9 +88,7 @@ class TMSMetricsCallback(TrainerCallback):
         for row in self._history(self.step0_from):
             if row.get("step") == 0 and row.get("inputs") == self.inputs_key \
                     and wanted <= row.keys():
-                # What that measurement cost: the budget's estimate until this run measures.
-                self.cost_estimate = float(row.get("seconds", 0.0))
-                return {key: row[key] for key in sorted(wanted)}
+                return {key: row[key] for key in sorted(wanted)}, float(row.get("seconds", 0.0))
         return None
 
     def _record(self, state, logs: dict[str, float], seconds: float, **extra) -> None:
@@ -133,10 +132,12 @@ class TMSMetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.every = cadence(self.every, state.max_steps)
         self._train_started = time.perf_counter()
-        reused = self._reusable_step0() if state.global_step == 0 else None
-        if reused is None:
+        found = self._reusable_step0() if state.global_step == 0 else None
+        if found is None:
             self._measure(state)
             return
+        # What the harvest's measurement cost is the budget's estimate until this run measures.
+        reused, self.cost_estimate = found
         if "tms/pld" in reused:
             reused["tms/pld_drift"] = self.drift.update(reused["tms/pld"])
         self._record(state, reused, 0.0, reused_from=str(self.step0_from))

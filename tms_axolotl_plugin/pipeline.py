@@ -463,13 +463,15 @@ def run_pipeline(cfg: Any, tms: TMSConfig):
     student_fp = pipeline.student(plan, store, checkpoints)
 
     stages = read_stages(pipeline.paths)
-    if stages.get("student", {}) == {"fingerprint": student_fp, "status": "done"}:
+    previous = stages.get("student", {})
+    if previous.get("fingerprint") == student_fp and previous.get("status") == "done":
         _summary("student", f"skipped: finished earlier (fingerprint {student_fp}); nothing "
                  "left to do")
         raise SystemExit(0)
     if ranks.rank() == 0:
         pipeline.set_aside_stale_student(student_fp)
-        record_stage(pipeline.paths, "student", fingerprint=student_fp, status="running")
+        record_stage(pipeline.paths, "student", fingerprint=student_fp, status="running",
+                     schedule=tms.schedule)
     _summary("student", f"training on the mixture (fingerprint {student_fp}, init "
              f"{tms.student_init})")
     return load_datasets(cfg=cfg)
@@ -479,4 +481,4 @@ def mark_student_done(cfg: Any) -> None:
     paths = StagePaths(Path(cfg.output_dir) / "tms")
     state = read_stages(paths).get("student")
     if state and state.get("status") == "running":
-        record_stage(paths, "student", fingerprint=state["fingerprint"], status="done")
+        record_stage(paths, "student", **{**state, "status": "done"})

@@ -16,13 +16,15 @@ from pathlib import Path
 
 from tms_axolotl_plugin.errors import TMSError
 
-STAGE_LABELS = {"harvest": "SFT (harvest)", "student": "TMS (student)"}
+# The student of `tms.schedule: iterative` is the iterative-SFT baseline, not TMS.
+STUDENT_LABELS = {"offline": "TMS (student)", "iterative": "iterative SFT (student)"}
 
 
 @dataclass
 class StageSeries:
     stage: str
     rows: list[dict] = field(default_factory=list)
+    label: str = ""
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in self.rows if key in r]
@@ -58,11 +60,14 @@ def load_run(output_dir: Path) -> RunMetrics:
     series = {}
     harvest = stages.get("harvest", {}).get("output_dir")
     if harvest:
-        series["harvest"] = StageSeries("harvest", _read_jsonl(Path(harvest) / "tms_metrics.jsonl"))
-    student = stages.get("student", {}).get("fingerprint")
-    if student:
-        path = output_dir / "tms" / "student" / f"metrics-{student}.jsonl"
-        series["student"] = StageSeries("student", _read_jsonl(path))
+        series["harvest"] = StageSeries("harvest", _read_jsonl(Path(harvest) / "tms_metrics.jsonl"),
+                                        "SFT (harvest)")
+    student = stages.get("student", {})
+    if student.get("fingerprint"):
+        path = output_dir / "tms" / "student" / f"metrics-{student['fingerprint']}.jsonl"
+        # Runs recorded before the schedule was stored are offline TMS runs.
+        label = STUDENT_LABELS.get(student.get("schedule", "offline"), "student")
+        series["student"] = StageSeries("student", _read_jsonl(path), label)
     if not any(s.rows for s in series.values()):
         raise TMSError(f"{output_dir}: no PLD/retention metrics were recorded (tms.pld and "
                        "tms.retention disabled?)")
@@ -90,7 +95,7 @@ def _plot_metric(runs: list[RunMetrics], key: str, ylabel: str, path: Path) -> N
             steps, values = data.series(key)
             if steps:
                 style = "-" if stage == "harvest" else "--"
-                label = STAGE_LABELS[stage] + (f" [{run.name}]" if len(runs) > 1 else "")
+                label = data.label + (f" [{run.name}]" if len(runs) > 1 else "")
                 ax.plot(steps, values, style, marker="o", markersize=3, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
@@ -128,7 +133,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
             all_points += points
             if points:
                 ax.scatter([p[0] for p in points], [p[1] for p in points], s=14,
-                           label=STAGE_LABELS[stage] + (f" [{run.name}]" if len(runs) > 1 else ""))
+                           label=data.label + (f" [{run.name}]" if len(runs) > 1 else ""))
     overall = correlation(all_points)
     title = "PLD drift vs retention loss"
     if overall["pearson"] is not None:
@@ -145,7 +150,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
 
     summary = {"runs": [], "drift_vs_retention": overall, "plots": plots}
     for run in runs:
-        entry = {"run": run.name}
+        entry = {"run": run.name, "labels": {s: d.label for s, d in run.stages.items()}}
         for stage, data in run.stages.items():
             _, pld = data.series("tms/pld")
             _, retention = data.series("tms/retention_nll")
@@ -180,7 +185,7 @@ def _markdown(summary: dict) -> str:
         for stage in ("harvest", "student"):
             if stage in run:
                 s = run[stage]
-                lines.append(f"| {run['run']} | {STAGE_LABELS[stage]} | {_fmt(s['pld_first'])} | "
+                lines.append(f"| {run['run']} | {run['labels'][stage]} | {_fmt(s['pld_first'])} | "
                              f"{_fmt(s['pld_last'])} | {_fmt(s['pld_final_drift'])} | "
                              f"{_fmt(s['retention_nll_first'])} | {_fmt(s['retention_nll_last'])} | "
                              f"{_fmt(s['retention_mc_acc_first'])} | "
