@@ -215,6 +215,27 @@ def test_changing_alpha_redoes_only_draws_new_pairs_and_student(full_run, tmp_pa
     assert stages(tmp_path)["student"]["fingerprint"] != stages(source)["student"]["fingerprint"]
 
 
+def test_harvest_trained_again_gets_new_answers_and_a_new_student(
+        full_run, tmp_path, tiny_model_dir, short_answer_data):
+    source, _ = full_run
+    run_id = Path(stages(source)["harvest"]["output_dir"]) / "tms_run_id"
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id.read_text())
+    copy_run(source, tmp_path)
+    shutil.copytree(source / "out" / "tms" / "labels", tmp_path / "out" / "tms" / "labels")
+    # What a harvest trained again (its folder deleted) leaves: the same fingerprint, a new
+    # run id. Answers of the old weights must not be reused.
+    copied = next((tmp_path / "out" / "tms").glob("harvest-*")) / "tms_run_id"
+    copied.write_text("0" * 32)
+    config = make_config(tmp_path, tiny_model_dir, short_answer_data, tms_block())
+    proc = run_axolotl_train(config, timeout=900)
+    assert_ok(proc)
+    assert "tms harvest:   skipped: finished earlier" in proc.stdout
+    needed = len(draw_targets(NUM_ROWS, EPOCHS, T, ALPHA, 11).needed_pairs())
+    match = re.search(r"rank 0: (\d+) answers generated .* (\d+) already stored", proc.stdout)
+    assert match and int(match.group(1)) == needed and int(match.group(2)) == 0
+    assert stages(tmp_path)["student"]["fingerprint"] != stages(source)["student"]["fingerprint"]
+
+
 def test_run_killed_during_regeneration_resumes_without_redoing_items(
         full_run, tmp_path, tiny_model_dir, short_answer_data):
     source, _ = full_run

@@ -24,6 +24,9 @@ LOG = get_logger(__name__)
 
 STAGE_ENV = "TMS_STAGE"  # set to "harvest" in the harvest subprocess
 HARVEST_DIRNAME = "tms_checkpoints"
+# A new id each time a harvest finishes training. Answers and the student are keyed on it, so
+# a harvest trained again (its folder deleted) never reuses answers of the old weights.
+HARVEST_RUN_ID_FILE = "tms_run_id"
 
 
 class HarvestCheckpointCallback(TrainerCallback):

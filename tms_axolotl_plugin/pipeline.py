@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,12 @@ from tms_axolotl_plugin.draws import DrawPlan, draw_targets
 from tms_axolotl_plugin.errors import TMSConfigError, TMSError
 from tms_axolotl_plugin.fingerprint import fingerprint, model_dir_digest
 from tms_axolotl_plugin.generation import GenerationRequest, SamplingSettings
-from tms_axolotl_plugin.harvest import HARVEST_DIRNAME, harvested_checkpoints, run_harvest
+from tms_axolotl_plugin.harvest import (
+    HARVEST_DIRNAME,
+    HARVEST_RUN_ID_FILE,
+    harvested_checkpoints,
+    run_harvest,
+)
 from tms_axolotl_plugin.label_store import LabelStore
 from tms_axolotl_plugin.logs import get_logger
 from tms_axolotl_plugin.metrics import METRICS_ENV
@@ -250,6 +256,7 @@ class Pipeline:
         if self.tms.harvest_from:
             chosen = select_evenly_spaced(list_checkpoints(Path(self.tms.harvest_from)), T)
             self.harvest_fp = fingerprint([model_dir_digest(c.path) for c in chosen])
+            self.harvest_run_id = ""  # the fingerprint already digests the weights
             _summary("harvest", f"skipped: taking {T} checkpoints from {self.tms.harvest_from} "
                      f"(steps {[c.step for c in chosen]})")
             return {t: c.path for t, c in enumerate(chosen, start=1)}
@@ -282,11 +289,14 @@ class Pipeline:
                 if len(found) < T:
                     raise TMSError(f"the harvest run left {len(found)} of {T} checkpoints in "
                                    f"{harvest_dir / HARVEST_DIRNAME}")
+                (harvest_dir / HARVEST_RUN_ID_FILE).write_text(uuid.uuid4().hex)
                 record_stage(self.paths, "harvest", fingerprint=self.harvest_fp,
                              output_dir=str(harvest_dir), steps=[c.step for c in found])
                 _summary("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
 
             ranks.main_does_then_all_wait(self.paths.markers, "harvest", work, done)
+        run_id = harvest_dir / HARVEST_RUN_ID_FILE
+        self.harvest_run_id = run_id.read_text() if run_id.exists() else ""
         found = harvested_checkpoints(harvest_dir)
         return {t: c.path for t, c in enumerate(found[-T:], start=1)}
 
@@ -317,7 +327,7 @@ class Pipeline:
 
     def generation_fp(self) -> str:
         g = self.tms.generation
-        return fingerprint(self.harvest_fp, self.data_fp, g.backend, g.temperature, g.top_p,
+        return fingerprint(self.harvest_fp, self.harvest_run_id, self.data_fp, g.backend, g.temperature, g.top_p,
                            g.max_new_tokens, self.cfg.sequence_len)
 
     def regenerate(self, plan: DrawPlan, checkpoints: dict[int, Path]) -> LabelStore:
