@@ -112,8 +112,12 @@ def _summary(stage: str, message: str) -> None:
     LOG.info("tms %-10s %s", stage + ":", message)
 
 
-def raw_config(cfg: Any) -> dict[str, Any]:
-    """The user's YAML as written (validated configs carry derived keys that do not round-trip)."""
+def raw_config(cfg: Any, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config as the user gave it: `given` (the YAML with the command line's overrides, as
+    the plugin saw it before validation), else the YAML file. Validated configs carry derived
+    keys that do not round-trip to YAML."""
+    if given is not None:
+        return given
     path = cfg.get("axolotl_config_path")
     if not path or not Path(path).exists():
         raise TMSError("cannot find the config file this run was started with")
@@ -181,13 +185,13 @@ def _training_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 class Pipeline:
-    def __init__(self, cfg: Any, tms: TMSConfig):
+    def __init__(self, cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
         self.cfg = cfg
         self.tms = tms
         self.paths = StagePaths(Path(cfg.output_dir) / "tms")
         self.dataset_configs = list(cfg.datasets)
-        # The YAML as the user wrote it: derived configs and datasets are written back to YAML.
-        self.raw = raw_config(cfg)
+        # The config as the user gave it: derived configs and datasets are written back to YAML.
+        self.raw = raw_config(cfg, given)
         self.raw_dataset_entries = self.raw.get("datasets") or []
         self.epochs = int(cfg.num_epochs or 1)
 
@@ -456,12 +460,13 @@ class Pipeline:
                      f"({old}) to {keep}")
 
 
-def run_pipeline(cfg: Any, tms: TMSConfig):
-    """Finish the stages before the student; return the student's TrainDatasetMeta."""
+def run_pipeline(cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
+    """Finish the stages before the student; return the student's TrainDatasetMeta. `given`:
+    the config as the user gave it (YAML and command-line overrides), see `raw_config`."""
     from axolotl.common.datasets import load_datasets
     from axolotl.loaders import load_tokenizer
 
-    pipeline = Pipeline(cfg, tms)
+    pipeline = Pipeline(cfg, tms, given)
     pipeline.paths.markers.mkdir(parents=True, exist_ok=True)
     pipeline.check_sidecar_reachable()
     tokenizer = load_tokenizer(cfg)

@@ -12,6 +12,7 @@ plain Axolotl run. With a `tms:` block, one `axolotl train` runs the method:
 
 from __future__ import annotations
 
+import json
 import os
 
 from axolotl.integrations.base import BasePlugin
@@ -32,12 +33,17 @@ class TMSPlugin(BasePlugin):
     """Trajectory-Mixed Supervision: harvest T SFT checkpoints, regenerate labels, train a student."""
 
     training_finished = False
+    config_as_given: dict | None = None
 
     def get_input_args(self) -> str:
         return "tms_axolotl_plugin.config.TMSArgs"
 
     def register(self, cfg: dict):
         if cfg.get("tms") is not None:
+            # Axolotl calls this with the YAML plus the command line's overrides, before
+            # validation adds derived keys: what the harvest run and the fingerprints need.
+            self.config_as_given = json.loads(json.dumps(
+                {k: v for k, v in cfg.items() if k != "axolotl_config_path"}, default=str))
             from tms_axolotl_plugin.compat import allow_multiprocess_cpu
 
             allow_multiprocess_cpu()
@@ -54,7 +60,7 @@ class TMSPlugin(BasePlugin):
             return None  # Axolotl loads the data itself
         from tms_axolotl_plugin.pipeline import run_pipeline
 
-        return run_pipeline(cfg, tms)
+        return run_pipeline(cfg, tms, self.config_as_given)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         tms = tms_config_from(cfg)
