@@ -331,8 +331,8 @@ class Pipeline:
 
     def generation_fp(self) -> str:
         g = self.tms.generation
-        return fingerprint(self.harvest_fp, self.harvest_run_id, self.data_fp, g.backend, g.temperature, g.top_p,
-                           g.max_new_tokens, self.cfg.sequence_len)
+        return fingerprint(self.harvest_fp, self.harvest_run_id, self.data_fp, g.backend,
+                           g.temperature, g.top_p, g.max_new_tokens, self.cfg.sequence_len)
 
     def regenerate(self, plan: DrawPlan, checkpoints: dict[int, Path]) -> LabelStore:
         requests = self.requests(plan)
