@@ -218,8 +218,10 @@ def test_budget_uses_the_reused_step0_cost_before_the_run_has_measured(tmp_path)
     harvest = tmp_path / "harvest.jsonl"
     harvest.write_text(json.dumps({"step": 0, "seconds": 2.0, "inputs": "k", "tms/pld": 1.5,
                                    "tms/pld_drift": 0.0}) + "\n")
+
     class LogRecorder:  # the two Trainer methods the callback calls when it records
-        logged: list[dict] = []
+        def __init__(self):
+            self.logged: list[dict] = []
 
         def log(self, logs):
             self.logged.append(logs)
