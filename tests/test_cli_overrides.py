@@ -16,14 +16,16 @@ import json, sys
 from axolotl.cli.config import load_cfg
 from axolotl.integrations.base import PluginManager
 from tms_axolotl_plugin.config import tms_config_from
-from tms_axolotl_plugin.pipeline import Pipeline, _training_signature, raw_config
+from tms_axolotl_plugin.pipeline import Pipeline, raw_config
+from tms_axolotl_plugin.stage_inputs import signature
 
 cfg = load_cfg(sys.argv[1], learning_rate=0.123, seed=99)
 plugin = PluginManager.get_instance().plugins["tms_axolotl_plugin.TMSPlugin"]
 pipeline = Pipeline(cfg, tms_config_from(cfg), plugin.config_as_given)
 print(json.dumps({"given": plugin.config_as_given, "raw": pipeline.raw,
                   "from_file": raw_config(cfg),
-                  "signature": _training_signature(pipeline.raw)}))
+                  "harvest": signature(pipeline.raw, "harvest"),
+                  "data": signature(pipeline.raw, "data")}))
 """
 
 
@@ -38,8 +40,10 @@ def test_overrides_reach_the_harvest_config_and_fingerprints(tmp_path, tiny_mode
                                "AXOLOTL_DO_NOT_TRACK": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("given", "raw", "signature"):
+    for name in ("given", "raw"):
         assert result[name]["learning_rate"] == 0.123 and result[name]["seed"] == 99, name
+    # In the fingerprints of the stages they decide.
+    assert result["harvest"]["learning_rate"] == 0.123 and result["data"]["seed"] == 99
     assert result["from_file"]["learning_rate"] == 1e-3  # the file alone misses them
     # Nothing else changed: the config as given is the YAML plus the overrides.
     assert result["given"] == {**json.loads(json.dumps(cfg)), "learning_rate": 0.123, "seed": 99}

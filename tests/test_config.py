@@ -80,8 +80,28 @@ BAD_VALUES = [
     ({"sidecar": {"url": "http://127.0.0.1:99999"}}, ["tms.sidecar.url", "99999", "0-65535"]),
     ({"sidecar": {"port": 70000}}, ["tms.sidecar.port", "70000", "less than or equal to 65535"]),
     ({"sidecar": {"port": 0}}, ["tms.sidecar.port", "0", "greater than or equal to 1"]),
-    ({"sidecar": {"host": "0.0.0.0"}}, ["tms.sidecar", "0.0.0.0", "allow_remote"]),
+    ({"sidecar": {"transport": "tcp", "host": "0.0.0.0"}}, ["tms.sidecar", "0.0.0.0", "allow_remote"]),
     ({"sidecar": {"url": "http://10.1.2.3:8000"}}, ["tms.sidecar", "10.1.2.3", "allow_remote"]),
+    # A launched server listens on the private socket unless told to use TCP.
+    ({"sidecar": {"host": "::1"}}, ["tms.sidecar.host only applies to a TCP server", "transport: tcp"]),
+    ({"sidecar": {"port": 8000}}, ["tms.sidecar.port only applies to a TCP server", "transport: tcp"]),
+    ({"sidecar": {"url": "http://127.0.0.1:8000", "transport": "uds"}},
+     ["tms.sidecar.transport: uds applies to a server the plugin launches", "tms.sidecar.url"]),
+    ({"sidecar": {"transport": "tcp", "host": "[::1"}}, ["tms.sidecar.host", "[::1", "not a host"]),
+]
+# Server settings the plugin owns cannot be overridden through extra_args / env.
+PROTECTED = [
+    (["--host", "0.0.0.0"], "--host"), (["--host=0.0.0.0"], "--host"), (["--ho", "0.0.0.0"], "--host"),
+    (["--port", "9000"], "--port"), (["--uds", "/tmp/x.sock"], "--uds"),
+    (["--api-key", "k"], "--api-key"), (["--api_key=k"], "--api-key"),
+    (["--config", "serve.yaml"], "--config"), (["--grpc-port", "50051"], "--grpc-port"),
+]
+BAD_VALUES += [({"sidecar": {"extra_args": ["--max-num-seqs", "8", *args]}},
+                ["tms.sidecar.extra_args", repr(args[0]), f"sets {flag}", "plugin controls"])
+               for args, flag in PROTECTED]
+BAD_VALUES += [({"sidecar": {"env": {key: "1"}}}, ["tms.sidecar.env", key, "controlled by the plugin"])
+               for key in ("VLLM_SERVER_DEV_MODE", "VLLM_API_KEY")]
+BAD_VALUES += [
     ({"num_checkpionts": 4}, ["tms", "num_checkpionts", "Did you mean 'num_checkpoints'"]),
     ({"generation": {"temprature": 0.5}}, ["tms.generation", "temprature", "Did you mean 'temperature'"]),
 ]
@@ -97,8 +117,20 @@ def test_bad_value_is_rejected_with_key_value_and_allowed(tmp_path, cfg_for, tms
 
 
 def test_remote_host_accepted_with_explicit_opt_in(tmp_path, cfg_for):
-    cfg = load(tmp_path, cfg_for(tms={"sidecar": {"host": "0.0.0.0", "allow_remote": True}}))
+    cfg = load(tmp_path, cfg_for(tms={"sidecar": {"transport": "tcp", "host": "0.0.0.0",
+                                                  "allow_remote": True}}))
     assert cfg.tms["sidecar"]["host"] == "0.0.0.0"
+
+
+def test_launched_server_defaults_to_the_private_socket_and_a_url_to_tcp(tmp_path, cfg_for):
+    assert load(tmp_path, cfg_for(tms={})).tms["sidecar"]["transport"] == "uds"
+    url = load(tmp_path, cfg_for(tms={"sidecar": {"url": "http://[::1]:8000"}}))
+    assert url.tms["sidecar"]["transport"] == "tcp"
+    ipv6 = load(tmp_path, cfg_for(tms={"sidecar": {"transport": "tcp", "host": "[::1]"}}))
+    assert ipv6.tms["sidecar"]["host"] == "::1"
+    harmless = ["--max-num-seqs", "8", "--kv-cache-dtype=fp8", "--hf-overrides", "{}"]
+    assert load(tmp_path, cfg_for(tms={"sidecar": {"extra_args": harmless}})).tms[
+        "sidecar"]["extra_args"] == harmless
 
 
 def test_tms_with_rl_is_rejected(tmp_path, cfg_for):

@@ -1,14 +1,18 @@
-"""README's `tms:` reference is generated from the schema and must match it."""
+"""README's generated tables (the `tms:` reference, the stage-inputs table) must match the code."""
+
+import pytest
 
 from conftest import REPO
 from tms_axolotl_plugin.config import TMSConfig
-from tms_axolotl_plugin.docs import BEGIN, END, reference_table
+from tms_axolotl_plugin.docs import TABLES, markers
 
 
-def test_readme_reference_matches_the_schema():
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_readme_tables_match_the_code(name):
     text = (REPO / "README.md").read_text()
-    table = text[text.index(BEGIN) + len(BEGIN): text.index(END)].strip()
-    assert table == reference_table(), "run: python -m tms_axolotl_plugin.docs --write"
+    begin, end = markers(name)
+    table = text[text.index(begin) + len(begin): text.index(end)].strip()
+    assert table == TABLES[name](), "run: python -m tms_axolotl_plugin.docs --write"
 
 
 def test_every_field_has_a_description():

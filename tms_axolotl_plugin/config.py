@@ -90,13 +90,40 @@ class GenerationConfig(_Section):
     )
 
 
+# Server settings the plugin owns: overriding them through `extra_args`/`env` would undo the
+# private socket, the key or the dev-mode rule. Flags are matched as argparse does: with `_` or
+# `-`, with `=value`, and abbreviated (vLLM's parser accepts any unique prefix).
+PROTECTED_SERVER_FLAGS = {
+    "--host": "tms.sidecar.host (with tms.sidecar.transport: tcp)",
+    "--port": "tms.sidecar.port (with tms.sidecar.transport: tcp)",
+    "--uds": "tms.sidecar.transport (the plugin creates the socket)",
+    "--api-key": "tms.sidecar.api_key or the TMS_SIDECAR_API_KEY environment variable",
+    "--config": "list the flags themselves in tms.sidecar.extra_args (a vLLM --config file "
+                "could set host, port, socket or key)",
+    "--grpc-port": "nothing: an extra gRPC listener would bypass the private socket",
+}
+PROTECTED_SERVER_ENV = {
+    "VLLM_SERVER_DEV_MODE": "nothing: the plugin enables dev mode itself, only for in-place "
+                            "weight reloads on its private socket",
+    "VLLM_API_KEY": "tms.sidecar.api_key or the TMS_SIDECAR_API_KEY environment variable",
+}
+
+
+def protected_flag(arg: str) -> str | None:
+    """The protected vLLM flag `arg` sets (exactly or abbreviated), or None."""
+    if not arg.startswith("--") or arg == "--":
+        return None
+    name = arg.split("=", 1)[0].replace("_", "-")
+    return next((flag for flag in PROTECTED_SERVER_FLAGS if flag.startswith(name)), None)
+
+
 class SidecarConfig(_Section):
     """Where the vLLM server comes from when `generation.backend: vllm`.
 
     Engine settings Axolotl's own `vllm:` block already has (tensor/data parallel size,
     gpu_memory_utilization, dtype, max_model_len, enable_prefix_caching, enforce_eager) are read
-    from there. Host and port are not: Axolotl defaults `vllm.host` to 0.0.0.0, and this plugin
-    binds loopback unless told otherwise.
+    from there. Host and port are not: Axolotl defaults `vllm.host` to 0.0.0.0, and a server
+    this plugin launches listens on a private Unix socket unless told otherwise.
     """
 
     url: str | None = Field(
@@ -104,19 +131,27 @@ class SidecarConfig(_Section):
         description="Base URL of an already running vLLM server (e.g. http://127.0.0.1:8000). "
         "When unset, the plugin launches one as a child process and stops it afterwards.",
     )
+    transport: Literal["uds", "tcp"] | None = Field(
+        default=None,
+        description="How a launched server listens. `uds` (the default without `url`): a Unix "
+        "domain socket in a directory only this user can enter, no TCP port at all. `tcp`: "
+        "`host`:`port`, loopback unless `allow_remote`. A server at `url` is always `tcp`.",
+    )
     host: str = Field(
         default="127.0.0.1",
-        description="Interface a launched server binds to. Loopback by default.",
+        description="Interface a launched `tcp` server binds to. Loopback by default "
+        "(127.0.0.1 or ::1).",
     )
     port: int | None = Field(
         default=None,
         ge=1,
         le=65535,
-        description="Port of a launched server (1-65535). Default: a free port chosen at launch.",
+        description="Port of a launched `tcp` server (1-65535). Default: a free port chosen at "
+        "launch.",
     )
     allow_remote: bool = Field(
         default=False,
-        description="Opt-in required to bind a launched server to, or connect to, a "
+        description="Opt-in required to bind a launched `tcp` server to, or connect to, a "
         "non-loopback address.",
     )
     python: str | None = Field(
@@ -131,16 +166,21 @@ class SidecarConfig(_Section):
     )
     extra_args: list[str] = Field(
         default_factory=list,
-        description="Extra command-line arguments appended to the launched server's command.",
+        description="Extra command-line arguments appended to the launched server's command. "
+        "Flags the plugin owns (--host, --port, --uds, --api-key, --config, --grpc-port) are "
+        "rejected. They count in the generation fingerprint (they may change sampling).",
     )
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra environment variables for a launched server.",
+        description="Extra environment variables for a launched server. VLLM_SERVER_DEV_MODE "
+        "and VLLM_API_KEY are rejected. They count in the generation fingerprint.",
     )
     api_key: str | None = Field(
         default=None,
         description="API key sent as a bearer token. Unset: for a launched server one is "
-        "generated; for `url`, the `TMS_SIDECAR_API_KEY` environment variable is used if set.",
+        "generated; for `url`, the `TMS_SIDECAR_API_KEY` environment variable is used if set. "
+        "Passed to a launched server through its environment, never on its command line, and "
+        "never written into the configs of child runs.",
     )
     startup_timeout_s: float = Field(
         default=900.0,
@@ -176,24 +216,81 @@ class SidecarConfig(_Section):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
                 f"malformed sidecar url {url!r}: expected http(s)://host[:port], "
-                "e.g. http://127.0.0.1:8000"
+                "e.g. http://127.0.0.1:8000 or http://[::1]:8000"
             )
         if port is not None and not 1 <= port <= 65535:
             raise ValueError(f"sidecar url {url!r}: port must be in 1..65535")
         return url.rstrip("/")
 
+    @field_validator("host")
+    @classmethod
+    def _host_is_bare(cls, host: str) -> str:
+        host = host.strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]  # `[::1]` is URL syntax; the bind address is `::1`
+        if not host or any(c in host for c in "/ []"):
+            raise ValueError(f"tms.sidecar.host {host!r} is not a host name or IP address")
+        return host
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_protected_flags(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            flag = protected_flag(arg)
+            if flag is not None:
+                raise ValueError(
+                    f"tms.sidecar.extra_args: {arg!r} sets {flag}, which the plugin controls; "
+                    f"remove it and use {PROTECTED_SERVER_FLAGS[flag]}"
+                )
+        return args
+
+    @field_validator("env")
+    @classmethod
+    def _no_protected_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if key in PROTECTED_SERVER_ENV:
+                raise ValueError(
+                    f"tms.sidecar.env: {key} is controlled by the plugin; remove it "
+                    f"(instead: {PROTECTED_SERVER_ENV[key]})"
+                )
+        return env
+
+    @model_validator(mode="after")
+    def _transport_matches_settings(self) -> SidecarConfig:
+        if self.url and self.transport == "uds":
+            raise ValueError(
+                "tms.sidecar.transport: uds applies to a server the plugin launches, but "
+                "tms.sidecar.url names a running server (always reached over TCP); remove one "
+                "of the two"
+            )
+        if self.transport is None:
+            self.transport = "tcp" if self.url else "uds"
+        # Compared with the defaults, not model_fields_set: Axolotl hands the block back as a
+        # dump with every default filled in.
+        tcp_only = [key for key in ("host", "port", "allow_remote")
+                    if getattr(self, key) != type(self).model_fields[key].default]
+        if self.transport == "uds" and not self.url and tcp_only:
+            raise ValueError(
+                f"tms.sidecar.{tcp_only[0]} only applies to a TCP server, but a launched "
+                "server listens on a private Unix socket by default; set "
+                "`tms.sidecar.transport: tcp` to launch it on host:port instead"
+            )
+        return self
+
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> SidecarConfig:
         if self.allow_remote:
             return self
-        hosts = [("tms.sidecar.host", self.host)]
+        hosts = []
         if self.url:
             hosts.append(("tms.sidecar.url", urlsplit(self.url).hostname or ""))
+        elif self.transport == "tcp":
+            hosts.append(("tms.sidecar.host", self.host))
         for key, host in hosts:
             if not is_loopback_host(host):
                 raise ValueError(
                     f"{key} is {host!r}, which is not a loopback address; the sidecar would be "
-                    "reachable from other machines. Use 127.0.0.1, or set "
+                    "reachable from other machines. Use 127.0.0.1 or ::1, or set "
                     "`tms.sidecar.allow_remote: true` to opt in."
                 )
         return self

@@ -1,9 +1,10 @@
-"""The `tms:` reference table, generated from the config model's field descriptions.
+"""README tables generated from the code: the `tms:` reference (from the config model's field
+descriptions) and which config keys decide which stage (from `stage_inputs.RULES`).
 
-    python -m tms_axolotl_plugin.docs           # print the table
-    python -m tms_axolotl_plugin.docs --write   # refresh it in README.md between the markers
+    python -m tms_axolotl_plugin.docs           # print the tables
+    python -m tms_axolotl_plugin.docs --write   # refresh them in README.md between the markers
 
-A test keeps README.md in sync with the schema.
+A test keeps README.md in sync with both.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from tms_axolotl_plugin import stage_inputs
 from tms_axolotl_plugin.config import TMSConfig
-
-BEGIN = "<!-- tms-config-reference:begin -->"
-END = "<!-- tms-config-reference:end -->"
 
 
 def _default(field) -> str:
@@ -48,14 +47,24 @@ def reference_table() -> str:
     return "\n".join(header + _rows(TMSConfig, "tms"))
 
 
+# marker name in README.md -> the function that renders what goes between its markers
+TABLES = {"tms-config-reference": reference_table, "tms-stage-inputs": stage_inputs.markdown_table}
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 def sync_readme(readme: Path) -> bool:
-    """Rewrite the table in `readme`; True if it changed."""
-    text = readme.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    updated = text[:start] + "\n" + reference_table() + "\n" + text[end:]
-    if updated != text:
-        readme.write_text(updated)
-    return updated != text
+    """Rewrite every generated table in `readme`; True if anything changed."""
+    original = text = readme.read_text()
+    for name, render in TABLES.items():
+        begin, end = markers(name)
+        start, stop = text.index(begin) + len(begin), text.index(end)
+        text = text[:start] + "\n" + render() + "\n" + text[stop:]
+    if text != original:
+        readme.write_text(text)
+    return text != original
 
 
 if __name__ == "__main__":
@@ -63,4 +72,4 @@ if __name__ == "__main__":
         changed = sync_readme(Path(__file__).resolve().parents[1] / "README.md")
         print("README.md updated" if changed else "README.md already in sync")
     else:
-        print(reference_table())
+        print("\n\n".join(render() for render in TABLES.values()))

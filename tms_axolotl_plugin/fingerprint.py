@@ -39,3 +39,37 @@ def model_dir_digest(path: Path) -> str:
         if p.is_file()
     )
     return fingerprint(entries)
+
+
+_SMALL_FILE = 4 << 20
+_SAMPLE = 64 << 10
+_SAMPLES = 16
+
+
+def _sampled_file_digest(path: Path, digest) -> None:
+    """Small files whole; large ones (weights) by size and 16 evenly spaced 64 KiB blocks,
+    first and last included: a retrained or swapped weight file changes them all."""
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= _SMALL_FILE:
+            digest.update(handle.read())
+            return
+        for index in range(_SAMPLES):
+            handle.seek((size - _SAMPLE) * index // (_SAMPLES - 1))
+            digest.update(handle.read(_SAMPLE))
+
+
+def content_digest(path: Path) -> str:
+    """A cheap digest of what a local file or model folder holds (not where it lies or when it
+    was written): a copied model keeps its digest, an edited config or new weights change it."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    # Hidden entries (.cache/ of a Hub download, lock files) change without the model changing.
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+        _sampled_file_digest(file, digest)
+    return digest.hexdigest()[:16]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tms_axolotl_plugin.checkpoints import list_checkpoints, select_evenly_space
 from tms_axolotl_plugin.config import TMSConfig
 from tms_axolotl_plugin.draws import DrawPlan, draw_targets
 from tms_axolotl_plugin.errors import TMSConfigError, TMSError
+from tms_axolotl_plugin.files import write_text_atomic
 from tms_axolotl_plugin.fingerprint import fingerprint, model_dir_digest
 from tms_axolotl_plugin.generation import GenerationRequest, SamplingSettings
 from tms_axolotl_plugin.harvest import (
@@ -46,7 +46,10 @@ from tms_axolotl_plugin.metrics import METRICS_ENV
 from tms_axolotl_plugin.mixture import build_student_rows
 from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import regenerate
+from tms_axolotl_plugin.stage_inputs import stage_fingerprints
+from tms_axolotl_plugin.student import FINGERPRINT_ENV, set_aside_foreign_checkpoints
 from tms_axolotl_plugin.training_examples import (
+    SOURCE_KEYS,
     TrainingExample,
     check_supported,
     dataset_entry_for,
@@ -56,15 +59,10 @@ from tms_axolotl_plugin.training_examples import (
 
 LOG = get_logger(__name__)
 
-# Config keys that only say where outputs go or how they are reported, or whose content the
-# data fingerprint already covers: not part of any stage's fingerprint.
-NON_DETERMINING_KEYS = {"output_dir", "datasets", "test_datasets", "dataset_prepared_path",
-                        "wandb_name", "wandb_run_id", "mlflow_run_name", "wandb_project",
-                        "wandb_entity", "use_tensorboard", "logging_steps",
-                        "report_to", "hub_model_id", "push_to_hub", "tms",
-                        "auto_resume_from_checkpoints", "resume_from_checkpoint",
-                        "dataloader_num_workers", "dataloader_prefetch_factor",
-                        "dataloader_pin_memory"}
+# Never in the harvest's config: it must not publish to the user's Hub repo (Trainer pushes on
+# every save_model, so all T checkpoints would be uploaded) nor resume the user's checkpoint.
+HARVEST_DROPPED_KEYS = ("hub_model_id", "hub_strategy", "hub_revision", "push_dataset_to_hub",
+                        "push_to_hub", "resume_from_checkpoint")
 
 
 @dataclass(frozen=True)
@@ -103,9 +101,7 @@ def record_stage(paths: StagePaths, name: str, **state: Any) -> None:
     """Rank 0 only: remember a stage's fingerprint and summary."""
     stages = read_stages(paths)
     stages[name] = state
-    tmp = paths.stages.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stages, indent=2, sort_keys=True))
-    tmp.replace(paths.stages)
+    write_text_atomic(paths.stages, json.dumps(stages, indent=2, sort_keys=True))
 
 
 def _summary(stage: str, message: str) -> None:
@@ -143,7 +139,7 @@ def check_trainable(cfg: Any) -> None:
 
 
 def heldout_count(cfg: Any, tms: TMSConfig, num_examples: int) -> int:
-    size = tms.pld.heldout_size or cfg.val_set_size or (0.05 if tms.pld.enabled else 0)
+    size = tms.pld.heldout_size or cfg.get("val_set_size") or (0.05 if tms.pld.enabled else 0)
     count = int(size) if size >= 1 else int(math.ceil(size * num_examples))
     if count >= num_examples:
         raise TMSConfigError(f"the held-out split ({count}) leaves no training examples")
@@ -180,8 +176,24 @@ def write_dataset_files(directory: Path, stem: str, grouped_rows: list[list[dict
     return entries
 
 
-def _training_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg_dict.items() if k not in NON_DETERMINING_KEYS}
+def harvest_config(raw: dict[str, Any], train_entries: list[dict], heldout_entries: list[dict],
+                   output_dir: Path) -> dict[str, Any]:
+    """The harvest run's config: the user's, on the training split, without Hub publishing,
+    without the user's resume path and without the sidecar key (written to disk)."""
+    cfg = {key: value for key, value in raw.items() if key not in HARVEST_DROPPED_KEYS}
+    cfg.update({"datasets": train_entries, "val_set_size": 0,
+                "auto_resume_from_checkpoints": True, "output_dir": str(output_dir)})
+    if heldout_entries and (raw.get("val_set_size") or 0) > 0:
+        cfg["test_datasets"] = heldout_entries
+    # The harvest is its own run in the trackers, not a second writer to the student's.
+    for key in ("wandb_name", "wandb_run_id", "mlflow_run_name"):
+        if cfg.get(key):
+            cfg[key] = f"{cfg[key]}-harvest"
+    sidecar = (cfg.get("tms") or {}).get("sidecar")
+    if isinstance(sidecar, dict) and "api_key" in sidecar:
+        cfg["tms"] = {**cfg["tms"], "sidecar": {k: v for k, v in sidecar.items()
+                                                if k != "api_key"}}
+    return cfg
 
 
 class Pipeline:
@@ -202,11 +214,14 @@ class Pipeline:
         count = heldout_count(self.cfg, self.tms, len(examples))
         seed = self.cfg.seed or 0
         # The split is part of the data: a different held-out set is different training data.
-        self.data_fp = fingerprint(
-            [e.row for e in examples], [dict(d) for d in self.dataset_configs],
-            tokenizer.name_or_path, getattr(tokenizer, "chat_template", None),
-            self.cfg.sequence_len, self.cfg.chat_template, count, seed,
+        # Dataset entries count by content (the rows) and tokenization settings, not paths.
+        self.data_inputs = fingerprint(
+            [e.row for e in examples],
+            [{k: v for k, v in dict(d).items() if k not in SOURCE_KEYS}
+             for d in self.dataset_configs],
+            getattr(tokenizer, "chat_template", None), count,
         )
+        self.data_fp = self.fingerprints()["data"]
         self.train, self.heldout = split_heldout(examples, count, seed)
         n = len(self.dataset_configs)
         stem = f"{self.data_fp}"
@@ -254,51 +269,57 @@ class Pipeline:
                        "retention")
         os.environ[METRICS_ENV] = json.dumps(self.metric_inputs)
 
+    def fingerprints(self, student_inputs: Any = None) -> dict[str, str]:
+        """The stage fingerprints as far as they are known (see `stage_inputs`)."""
+        return stage_fingerprints(
+            self.raw, data_inputs=self.data_inputs, world_size=ranks.world_size(),
+            harvest=getattr(self, "harvest_from_fp", None),
+            harvest_run_id=getattr(self, "harvest_run_id", ""), student_inputs=student_inputs)
+
     # -- stage 1: harvest ------------------------------------------------------------------
     def harvest(self) -> dict[int, Path]:
         T = self.tms.num_checkpoints
         if self.tms.harvest_from:
             chosen = select_evenly_spaced(list_checkpoints(Path(self.tms.harvest_from)), T)
-            self.harvest_fp = fingerprint([model_dir_digest(c.path) for c in chosen])
+            self.harvest_from_fp = fingerprint([model_dir_digest(c.path) for c in chosen])
+            self.harvest_fp = self.harvest_from_fp
             self.harvest_run_id = ""  # the fingerprint already digests the weights
             _summary("harvest", f"skipped: taking {T} checkpoints from {self.tms.harvest_from} "
                      f"(steps {[c.step for c in chosen]})")
             return {t: c.path for t, c in enumerate(chosen, start=1)}
 
-        harvest_cfg = {
-            **self.raw,
-            "datasets": self.train_entries,
-            "val_set_size": 0,
-            "auto_resume_from_checkpoints": True,
-        }
-        if self.heldout_entries and (self.cfg.val_set_size or 0) > 0:
-            harvest_cfg["test_datasets"] = self.heldout_entries
-        # The harvest is its own run in the trackers, not a second writer to the student's.
-        for key in ("wandb_name", "wandb_run_id", "mlflow_run_name"):
-            if harvest_cfg.get(key):
-                harvest_cfg[key] = f"{harvest_cfg[key]}-harvest"
-        self.harvest_fp = fingerprint(_training_signature(harvest_cfg), T, self.data_fp)
+        self.harvest_fp = self.fingerprints()["harvest"]
         harvest_dir = self.paths.harvest(self.harvest_fp)
-        harvest_cfg["output_dir"] = str(harvest_dir)
         done = self.paths.markers / f"harvest-{self.harvest_fp}.done"
-        if done.exists():
-            _summary("harvest", f"skipped: finished earlier (fingerprint {self.harvest_fp})")
-        else:
-            def work():
-                harvest_dir.mkdir(parents=True, exist_ok=True)
-                config_path = harvest_dir / "harvest_config.yml"
-                config_path.write_text(yaml.safe_dump(harvest_cfg, sort_keys=False))
-                run_harvest(config_path, ranks.world_size(), harvest_dir / "harvest.log")
-                found = harvested_checkpoints(harvest_dir)
-                if len(found) < T:
-                    raise TMSError(f"the harvest run left {len(found)} of {T} checkpoints in "
-                                   f"{harvest_dir / HARVEST_DIRNAME}")
-                (harvest_dir / HARVEST_RUN_ID_FILE).write_text(uuid.uuid4().hex)
-                record_stage(self.paths, "harvest", fingerprint=self.harvest_fp,
-                             output_dir=str(harvest_dir), steps=[c.step for c in found])
-                _summary("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
+        run_id = harvest_dir / HARVEST_RUN_ID_FILE
 
-            ranks.main_does_then_all_wait(self.paths.markers, "harvest", work, done)
+        def work():
+            found = harvested_checkpoints(harvest_dir)
+            if done.exists() and len(found) >= T and run_id.exists():
+                _summary("harvest", f"skipped: finished earlier (fingerprint {self.harvest_fp})")
+                return
+            if done.exists():  # the folder was deleted or emptied: train it again
+                _summary("harvest", f"finished earlier, but {harvest_dir} holds {len(found)} of "
+                         f"{T} checkpoints now; training the harvest again")
+                done.unlink()
+                run_id.unlink(missing_ok=True)
+            harvest_dir.mkdir(parents=True, exist_ok=True)
+            config_path = harvest_dir / "harvest_config.yml"
+            config = harvest_config(self.raw, self.train_entries, self.heldout_entries,
+                                    harvest_dir)
+            write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False), mode=0o600)
+            run_harvest(config_path, ranks.world_size(), harvest_dir / "harvest.log")
+            found = harvested_checkpoints(harvest_dir)
+            if len(found) < T:
+                raise TMSError(f"the harvest run left {len(found)} of {T} checkpoints in "
+                               f"{harvest_dir / HARVEST_DIRNAME}")
+            write_text_atomic(run_id, uuid.uuid4().hex)
+            record_stage(self.paths, "harvest", fingerprint=self.harvest_fp,
+                         output_dir=str(harvest_dir), steps=[c.step for c in found])
+            done.touch()
+            _summary("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
+
+        ranks.main_does_then_all_wait(self.paths.markers, "harvest", work)
         run_id = harvest_dir / HARVEST_RUN_ID_FILE
         self.harvest_run_id = run_id.read_text() if run_id.exists() else ""
         found = harvested_checkpoints(harvest_dir)
@@ -330,9 +351,7 @@ class Pipeline:
         return requests
 
     def generation_fp(self) -> str:
-        g = self.tms.generation
-        return fingerprint(self.harvest_fp, self.harvest_run_id, self.data_fp, g.backend,
-                           g.temperature, g.top_p, g.max_new_tokens, self.cfg.sequence_len)
+        return self.fingerprints()["generation"]
 
     def regenerate(self, plan: DrawPlan, checkpoints: dict[int, Path]) -> LabelStore:
         requests = self.requests(plan)
@@ -387,10 +406,12 @@ class Pipeline:
         g, s = self.tms.generation, self.tms.sidecar
         if g.backend != "vllm" or not s.url:
             return
-        from tms_axolotl_plugin.sidecar import wait_for_health
+        from tms_axolotl_plugin.sidecar import Endpoint, wait_for_health
+        from tms_axolotl_plugin.vllm_backend import API_KEY_ENV
 
         try:
-            wait_for_health(s.url, timeout_s=15, api_key=s.api_key)
+            wait_for_health(Endpoint(s.url, api_key=s.api_key or os.environ.get(API_KEY_ENV)),
+                            timeout_s=15)
         except TMSError as error:
             raise TMSError(f"tms.sidecar.url: {error}. Start the server first, or leave "
                            "tms.sidecar.url unset to let the plugin launch one.") from None
@@ -400,17 +421,13 @@ class Pipeline:
         labels = store.load()
         rows, stats = build_student_rows(self.train, plan, labels, self.dataset_configs,
                                          self.cfg.sequence_len)
-        g = self.tms.generation
-        student_fp = fingerprint(
-            self.generation_fp(), plan.targets.tolist(), self.tms.student_init,
-            _training_signature(self.raw), g.all_checkpoints,
-        )
+        student_fp = self.fingerprints(student_inputs=plan.targets.tolist())["student"]
         entries = write_dataset_files(self.paths.student, f"mixture-{student_fp}", rows,
                                       self.raw_dataset_entries)
         ranks.wait_for([Path(e["path"]) for e in entries], self.paths.markers, "student")
         if ranks.rank() == 0:
-            (self.paths.student / f"mixture-{student_fp}.stats.json").write_text(
-                json.dumps(stats.as_dict(), indent=2))
+            write_text_atomic(self.paths.student / f"mixture-{student_fp}.stats.json",
+                              json.dumps(stats.as_dict(), indent=2))
         _summary("mixture", f"{stats.rows} rows: {stats.original_labels} original labels, "
                  f"{sum(stats.by_checkpoint.values())} regenerated; fallbacks to the original "
                  f"label: {stats.fallback_empty} empty, {stats.fallback_truncated} truncated")
@@ -424,6 +441,7 @@ class Pipeline:
             student_inputs["step0_from"] = str(
                 self.paths.harvest(self.harvest_fp) / "tms_metrics.jsonl")
         os.environ[METRICS_ENV] = json.dumps(student_inputs)
+        os.environ[FINGERPRINT_ENV] = student_fp  # marks the student's own checkpoints
         return student_fp
 
     def _point_run_at_student(self, entries: list[dict], checkpoints: dict[int, Path]) -> None:
@@ -444,20 +462,16 @@ class Pipeline:
                 cfg.base_model = str(last)
                 cfg.base_model_config = str(last)
 
-    def set_aside_stale_student(self, student_fp: str) -> None:
-        """Checkpoints of a student trained on other data must not be resumed: move them."""
-        state = read_stages(self.paths).get("student", {})
-        old = state.get("fingerprint")
-        if old in (None, student_fp):
-            return
-        stale = [p for p in Path(self.cfg.output_dir).glob("checkpoint-*") if p.is_dir()]
-        if stale:
-            keep = self.paths.root / f"previous-student-{old}"
-            keep.mkdir(parents=True, exist_ok=True)
-            for path in stale:
-                shutil.move(str(path), keep / path.name)
-            _summary("student", f"moved {len(stale)} checkpoints of the previous student "
-                     f"({old}) to {keep}")
+    def start_student(self, student_fp: str) -> None:
+        """Rank 0: only this student's own checkpoints may be resumed; record that it runs."""
+        def work():
+            what = set_aside_foreign_checkpoints(Path(self.cfg.output_dir), student_fp,
+                                                 self.paths.root)
+            record_stage(self.paths, "student", fingerprint=student_fp, status="running",
+                         schedule=self.tms.schedule)
+            _summary("student", what)
+
+        ranks.main_does_then_all_wait(self.paths.markers, "student-start", work)
 
 
 def run_pipeline(cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
@@ -468,6 +482,9 @@ def run_pipeline(cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
 
     pipeline = Pipeline(cfg, tms, given)
     pipeline.paths.markers.mkdir(parents=True, exist_ok=True)
+    ranks.agree_on_launch_id()
+    if ranks.rank() == 0:
+        ranks.forget_other_launches(pipeline.paths.markers)
     pipeline.check_sidecar_reachable()
     tokenizer = load_tokenizer(cfg)
     pipeline.prepare_data(tokenizer)
@@ -483,10 +500,7 @@ def run_pipeline(cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
         _summary("student", f"skipped: finished earlier (fingerprint {student_fp}); nothing "
                  "left to do")
         raise SystemExit(0)
-    if ranks.rank() == 0:
-        pipeline.set_aside_stale_student(student_fp)
-        record_stage(pipeline.paths, "student", fingerprint=student_fp, status="running",
-                     schedule=tms.schedule)
+    pipeline.start_student(student_fp)
     _summary("student", f"training on the mixture (fingerprint {student_fp}, init "
              f"{tms.student_init})")
     return load_datasets(cfg=cfg)

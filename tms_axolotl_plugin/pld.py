@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from tms_axolotl_plugin.files import write_jsonl_atomic
+
 IGNORE_INDEX = -100
 
 
@@ -25,12 +27,8 @@ class ScoredAnswer:
 
 
 def save_scored_answers(path: Path, answers: list[ScoredAnswer]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        for answer in answers:
-            handle.write(json.dumps({"prompt_ids": answer.prompt_ids,
-                                     "answer_ids": answer.answer_ids}) + "\n")
-    tmp.replace(path)
+    write_jsonl_atomic(path, ({"prompt_ids": answer.prompt_ids, "answer_ids": answer.answer_ids}
+                              for answer in answers))
 
 
 def load_scored_answers(path: Path) -> list[ScoredAnswer]:

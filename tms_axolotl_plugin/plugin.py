@@ -5,7 +5,8 @@ plain Axolotl run. With a `tms:` block, one `axolotl train` runs the method:
 - `load_datasets` (outer run): data, harvest, draws, regeneration; then hands Axolotl the
   student's mixture, so the outer run trains the student;
 - in the harvest child run (`TMS_STAGE=harvest`), `add_callbacks_post_trainer` adds the callback
-  that saves the T weights-only checkpoints; in both runs it adds the PLD/retention callback;
+  that saves the T weights-only checkpoints, in the student run the one that marks its
+  checkpoints as its own; in both runs it adds the PLD/retention callback;
 - `post_train_unload` (after the final model is saved) records that the student finished, so
   a re-run skips it; not when training failed or was interrupted.
 """
@@ -75,6 +76,10 @@ class TMSPlugin(BasePlugin):
         if _stage() == "harvest":
             directory = Path(cfg.output_dir) / HARVEST_DIRNAME
             callbacks.append(HarvestCheckpointCallback(trainer, tms.num_checkpoints, directory))
+        else:
+            from tms_axolotl_plugin.student import StudentCheckpointOwnerCallback
+
+            callbacks.append(StudentCheckpointOwnerCallback.from_env())
         stage = "harvest" if _stage() == "harvest" else "student"
         callbacks.append(metrics_callback(cfg, trainer, tms, stage))
         return [c for c in callbacks if c is not None]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tms_axolotl_plugin.files import write_jsonl_atomic
 from tms_axolotl_plugin.rewards import extract_answer, last_boxed, normalize_answer
 
 # Qwen2.5's own chain-of-thought instruction for math: GRPO's reward reads the \boxed answer.
@@ -105,15 +106,8 @@ def convert_rows(name: str, rows: Iterable[dict[str, Any]]) -> tuple[list[dict],
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            # ASCII escapes: raw U+2028/U+2029 are line breaks to some JSONL readers.
-            handle.write(json.dumps(row) + "\n")
-            count += 1
-    tmp.replace(path)
-    return count
+    # ASCII escapes (json's default): raw U+2028/U+2029 are line breaks to some JSONL readers.
+    return write_jsonl_atomic(path, rows)
 
 
 def load_hub_split(source: HubSource, split: str, revision: str | None) -> Iterator[dict]:

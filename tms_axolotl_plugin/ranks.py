@@ -3,12 +3,19 @@
 Harvest and regeneration can take hours. A rank waiting in a torch.distributed barrier for that
 long hits the collective timeout, so ranks wait on marker files in the shared output_dir
 instead: no timeout, and a failure on one rank is written down and re-raised on every other.
+
+Every failure and release marker carries the launch identity: a random id that rank 0 draws at
+the start of each launch and hands to the other ranks in one short broadcast. It is the same on
+every rank of a launch and new for every launch (container restarts where the launcher is pid
+1, torchrun restarts, a requeued job with a fixed rendezvous id), so no rank ever acts on a
+marker an earlier launch left behind.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +30,8 @@ DISTRIBUTED_ENV_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_", "FSDP_")
 DISTRIBUTED_ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                         "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR",
                         "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS")
+
+_launch_id: str | None = None
 
 
 def rank() -> int:
@@ -48,14 +57,61 @@ def clean_launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _process_group_ready() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True
+    try:  # inside an Axolotl run: the process group Axolotl itself would create
+        from axolotl.utils.distributed import is_distributed
+    except ImportError:
+        return False
+    return is_distributed() and dist.is_initialized()
+
+
+def agree_on_launch_id() -> str:
+    """Draw this launch's id on rank 0 and give it to every rank. A collective: every rank of
+    the launch calls it once, at the same point (the start of the pipeline)."""
+    global _launch_id
+    drawn = uuid.uuid4().hex
+    if world_size() > 1:
+        if not _process_group_ready():
+            raise TMSError(
+                f"this run has WORLD_SIZE={world_size()} but no torch.distributed process "
+                "group, so its ranks cannot agree on a launch identity; start it with "
+                "`axolotl train`, `accelerate launch` or `torchrun`")
+        import torch.distributed as dist
+
+        box = [drawn]
+        dist.broadcast_object_list(box, src=0)
+        drawn = box[0]
+    _launch_id = drawn
+    return drawn
+
+
 def launch_id() -> str:
-    """Same on every rank of one launch, different for the next launch (single node)."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return run_id if run_id != "none" else str(os.getppid())
+    """This launch's id (see `agree_on_launch_id`); a single process draws its own."""
+    if _launch_id is None:
+        if world_size() > 1:
+            raise TMSError("ranks.agree_on_launch_id() must run on every rank first")
+        return agree_on_launch_id()
+    return _launch_id
 
 
 def _failure_file(directory: Path, name: str) -> Path:
     return directory / f"{name}.{launch_id()}.failed"
+
+
+def _release_file(directory: Path, name: str) -> Path:
+    return directory / f"{name}.{launch_id()}.ready"
+
+
+def forget_other_launches(directory: Path) -> None:
+    """Rank 0: remove markers of earlier launches (nobody reads them; they only pile up)."""
+    current = launch_id()
+    for path in list(directory.glob("*.failed")) + list(directory.glob("*.ready")):
+        if path.name.rsplit(".", 2)[-2] != current:
+            path.unlink(missing_ok=True)
 
 
 def record_failure(directory: Path, name: str, error: BaseException) -> None:
@@ -65,7 +121,8 @@ def record_failure(directory: Path, name: str, error: BaseException) -> None:
 
 def wait_for(paths: list[Path], directory: Path, name: str,
              poll_seconds: float = POLL_SECONDS) -> None:
-    """Block until every path exists; raise the same error as a rank that failed."""
+    """Block until every path exists; raise the same error as a rank of this launch that
+    failed in stage `name`."""
     failure = _failure_file(directory, name)
     while True:
         if failure.exists():
@@ -75,22 +132,17 @@ def wait_for(paths: list[Path], directory: Path, name: str,
         time.sleep(poll_seconds)
 
 
-def main_does_then_all_wait(directory: Path, name: str, work: Callable[[], T],
-                            done: Path) -> T | None:
-    """Rank 0 runs `work` and touches `done`; other ranks wait for `done` (or the failure).
-
-    `done` should name the stage's inputs (a fingerprint), so a marker from an earlier run
-    with other inputs never releases the waiting ranks early.
-    """
+def main_does_then_all_wait(directory: Path, name: str, work: Callable[[], T]) -> T | None:
+    """Rank 0 runs `work` (which may find the stage already done); the other ranks wait until
+    it has, in this launch, then read its result from disk."""
     if rank() == 0:
-        _failure_file(directory, name).unlink(missing_ok=True)
         try:
             result = work()
         except BaseException as error:
             record_failure(directory, name, error)
             raise
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.touch()
+        directory.mkdir(parents=True, exist_ok=True)
+        _release_file(directory, name).touch()
         return result
-    wait_for([done], directory, name)
+    wait_for([_release_file(directory, name)], directory, name)
     return None

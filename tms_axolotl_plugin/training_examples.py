@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tms_axolotl_plugin.errors import TMSConfigError
+from tms_axolotl_plugin.files import write_jsonl_atomic
 from tms_axolotl_plugin.fingerprint import fingerprint
 
 SUPPORTED_TYPES = ("chat_template", "alpaca")
@@ -173,8 +174,4 @@ def dataset_entry_for(ds_cfg: Any, data_file: Path) -> dict[str, Any]:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    tmp.replace(path)
+    write_jsonl_atomic(path, rows, ensure_ascii=False, default=str)

@@ -2,10 +2,11 @@
 
 - LoRA checkpoints: every adapter is loaded into one server and each request names its
   adapter, so all checkpoints are answered in one batched pass.
-- Full-weight checkpoints: served one after another. On a launched loopback server the weights
-  are swapped in place (`reload_weights` through vLLM's dev-mode RPC, then the prefix cache is
-  reset); where that is unavailable the server is restarted on the next checkpoint. Which one
-  was used and what each switch cost is logged and kept in `switches`.
+- Full-weight checkpoints: served one after another. On a launched server on the private
+  socket the weights are swapped in place (`reload_weights` through vLLM's dev-mode RPC, then
+  the prefix cache is reset); a launched TCP server never gets dev mode and is restarted on the
+  next checkpoint instead. Which one was used and what each switch cost is logged and kept in
+  `switches`.
 - Many requests in flight (`tms.sidecar.concurrency`), token-id prompts (exactly what the
   trainer sees), a seed per request, retries with exponential backoff; if a launched server
   dies, it is restarted and the unanswered requests are sent again.
@@ -35,7 +36,7 @@ from tms_axolotl_plugin.fingerprint import model_dir_digest
 from tms_axolotl_plugin.generation import GenerationRequest, SamplingSettings
 from tms_axolotl_plugin.label_store import GeneratedLabel
 from tms_axolotl_plugin.logs import get_logger
-from tms_axolotl_plugin.sidecar import VLLMSidecar, wait_for_health
+from tms_axolotl_plugin.sidecar import Endpoint, VLLMSidecar, wait_for_health
 
 LOG = get_logger(__name__)
 MAX_RESTARTS = 3
@@ -68,9 +69,9 @@ class VLLMGenerator:
         self.base_model = base_model
         self.log_dir = Path(log_dir)
         self.sidecar: VLLMSidecar | None = None
-        self.url = self.settings.url
         # A key for a server you run yourself can come from the environment (containers).
-        self.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV)
+        self.endpoint = Endpoint(self.settings.url or "",
+                                 api_key=self.settings.api_key or os.environ.get(API_KEY_ENV))
         self.switches: list[Switch] = []
         self.serving: Path | None = None  # the full-weight checkpoint the server has loaded
 
@@ -83,24 +84,24 @@ class VLLMGenerator:
         return cls(tms, engine, str(cfg.base_model), log_dir)
 
     # -- server ------------------------------------------------------------------------------
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
     def _launch(self, model: str, lora_rank: int | None = None, max_loras: int = 1) -> None:
         if self.sidecar is None:
+            # Dev mode only where it is used: full weights reloaded in place (never for LoRA).
             self.sidecar = VLLMSidecar(self.settings, self.engine, model, self.log_dir,
                                        lora_rank=lora_rank, max_loras=max_loras,
-                                       dev_mode=True)
+                                       dev_mode=lora_rank is None)
         self.sidecar.start(model)
-        self.url, self.api_key = self.sidecar.url, self.sidecar.api_key
+        self.endpoint = self.sidecar.endpoint
 
     def _served_model(self) -> str:
-        response = httpx.get(f"{self.url}/v1/models", headers=self._headers(), timeout=30)
+        with self.endpoint.client(timeout=30) as client:
+            response = client.get("/v1/models")
         response.raise_for_status()
         return response.json()["data"][0]["id"]
 
     def _post(self, route: str, body: dict) -> httpx.Response:
-        return httpx.post(f"{self.url}{route}", json=body, headers=self._headers(), timeout=600)
+        with self.endpoint.client(timeout=600) as client:
+            return client.post(route, json=body)
 
     def _load_adapters(self, jobs: list[tuple[int, Path]]) -> dict[int, str]:
         names = {}
@@ -130,14 +131,16 @@ class VLLMGenerator:
             self._launch(str(path))
             mechanism = "initial-start"
         else:
-            mechanism = "in-place-reload" if self._reload_in_place(path) else None
+            # A launched server without dev mode (TCP) is restarted: no RPC route to try.
+            can_reload = self.sidecar is None or self.sidecar.dev_mode
+            mechanism = "in-place-reload" if can_reload and self._reload_in_place(path) else None
             if mechanism is None:
                 if self.sidecar is None:
                     raise TMSError(
-                        f"the vLLM server at {self.url} cannot switch to full-weight checkpoint "
-                        f"{path} in place (the server needs VLLM_SERVER_DEV_MODE=1 for that); use "
-                        "LoRA checkpoints with a user-provided server, or let the plugin launch "
-                        "the server (leave tms.sidecar.url unset)")
+                        f"the vLLM server at {self.endpoint} cannot switch to full-weight "
+                        f"checkpoint {path} in place (the server needs VLLM_SERVER_DEV_MODE=1 "
+                        "for that); use LoRA checkpoints with a user-provided server, or let "
+                        "the plugin launch the server (leave tms.sidecar.url unset)")
                 self._launch(str(path))
                 mechanism = "restart"
         seconds = time.perf_counter() - started
@@ -168,7 +171,7 @@ class VLLMGenerator:
         if not jobs:
             return
         if self.settings.url:
-            wait_for_health(self.url, 30, self.api_key)
+            wait_for_health(self.endpoint, 30)
         adapters = [(path / "adapter_config.json").exists() for path, _ in jobs]
         if all(adapters):
             yield from self._generate_lora(jobs, settings)
@@ -212,8 +215,8 @@ class VLLMGenerator:
             if failed:
                 dead = self.sidecar is not None and not self.sidecar.alive()
                 if not dead or restarts >= MAX_RESTARTS:
-                    raise TMSError(f"{len(failed)} generation requests failed at {self.url}: "
-                                   f"{failed[0][1]}")
+                    raise TMSError(f"{len(failed)} generation requests failed at "
+                                   f"{self.endpoint}: {failed[0][1]}")
                 restarts += 1
                 LOG.warning("tms sidecar: the vLLM server died; restarting (%d/%d) and sending "
                             "%d unanswered requests again", restarts, MAX_RESTARTS, len(failed))
@@ -224,8 +227,7 @@ class VLLMGenerator:
         semaphore = asyncio.Semaphore(self.settings.concurrency)
         limits = httpx.Limits(max_connections=self.settings.concurrency)
         timeout = httpx.Timeout(self.settings.request_timeout_s, connect=10)
-        async with httpx.AsyncClient(base_url=self.url, headers=self._headers(),
-                                     timeout=timeout, limits=limits) as client:
+        async with self.endpoint.async_client(timeout=timeout, limits=limits) as client:
             async def one(request: GenerationRequest):
                 async with semaphore:
                     try:
@@ -269,7 +271,7 @@ class VLLMGenerator:
 
     def close(self) -> None:
         if self.sidecar is not None:
-            self.sidecar.stop()
+            self.sidecar.close()
         if self.switches:
             LOG.info("tms sidecar: checkpoint switches: %s", ", ".join(
                 f"{s.checkpoint}:{s.mechanism} {s.seconds:.1f}s" for s in self.switches))
