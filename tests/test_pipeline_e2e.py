@@ -89,10 +89,20 @@ def copy_run(source: Path, target: Path, *, keep=("data", "harvest-", "markers")
             marker.unlink()
 
 
+def plant_plain_sft_checkpoint(output_dir: Path, model_dir: Path, step: int = 2) -> Path:
+    """What a plain SFT run into the same output_dir leaves: a resumable checkpoint."""
+    checkpoint = output_dir / f"checkpoint-{step}"
+    shutil.copytree(model_dir, checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(
+        {"global_step": step, "max_steps": 100, "log_history": []}))
+    return checkpoint
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model_dir, short_answer_data):
     workdir = tmp_path_factory.mktemp("tms_full")
     config = make_config(workdir, tiny_model_dir, short_answer_data, tms_block())
+    plant_plain_sft_checkpoint(workdir / "out", tiny_model_dir)
     proc = run_axolotl_train(config, timeout=1200)
     assert_ok(proc)
     return workdir, proc.stdout
@@ -147,6 +157,13 @@ def test_full_pipeline_harvests_regenerates_and_trains_the_student(full_run, tin
     answers = {record["text"] for record in texts.values() if record["finish_reason"] == "stop"}
     for row in regenerated:
         assert row["messages"][-1]["content"] in answers
+
+    # The plain SFT checkpoint left in output_dir was set aside, not resumed as the student.
+    assert "tms student:   starting fresh; moved 1 checkpoint(s) it did not write (from: no " \
+           "TMS student)" in output
+    assert (out / "tms" / "set-aside" / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (out / "checkpoint-2").exists()
+    assert "Resuming" not in output.split("tms student:")[-1]
 
     # The student trained through Axolotl's path and the final model exists.
     assert stages(workdir)["student"]["status"] == "done"
@@ -309,8 +326,12 @@ def test_student_init_last_checkpoint_starts_from_the_harvested_model(
 def test_two_process_run_gives_the_same_student_mixture(full_run, tmp_path, tiny_model_dir,
                                                         short_answer_data):
     source, _ = full_run
-    copy_run(source, tmp_path)  # harvest done; regeneration and student run on two ranks
-    config = make_config(tmp_path, tiny_model_dir, short_answer_data, tms_block())
+    # The number of processes decides the harvest (effective batch), so a two-process run
+    # would train its own; it takes the one-process harvest's checkpoints instead, so that
+    # regeneration and the mixture on two ranks can be compared with the one-process run.
+    harvest = Path(stages(source)["harvest"]["output_dir"]) / "tms_checkpoints"
+    config = make_config(tmp_path, tiny_model_dir, short_answer_data,
+                         tms_block(harvest_from=str(harvest)))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", "2", "-m", "axolotl.cli.train"]
     proc = run_axolotl_train(config, timeout=1200, launcher=launcher)
@@ -320,7 +341,34 @@ def test_two_process_run_gives_the_same_student_mixture(full_run, tmp_path, tiny
     assert len(counts) == 2 and all(counts)
     stored = Counter((r["prompt_key"], r["checkpoint"]) for r in store_records(tmp_path))
     assert max(stored.values()) == 1 and sum(counts) == len(stored)
-    # Same draws, same answers: the same rows as the one-process run, in the same order.
-    assert stages(tmp_path)["student"]["fingerprint"] == stages(source)["student"]["fingerprint"]
+    # Same draws, same answers: the same rows as the one-process run, in the same order; the
+    # student itself is another one (trained on two processes).
+    assert stages(tmp_path)["student"]["fingerprint"] != stages(source)["student"]["fingerprint"]
     assert mixture_rows(tmp_path) == mixture_rows(source)
     assert stages(tmp_path)["student"]["status"] == "done"
+
+
+def test_deleted_harvest_is_trained_again_without_any_hub_call(full_run, tmp_path,
+                                                               tiny_model_dir,
+                                                               short_answer_data):
+    """A finished harvest whose folder is gone (its marker survives) is trained again, not
+    skipped; `hub_model_id` and the sidecar key never reach the harvest run, which finishes
+    with the Hub offline."""
+    source, _ = full_run
+    copy_run(source, tmp_path)
+    harvest_dir = next((tmp_path / "out" / "tms").glob("harvest-*"))
+    shutil.rmtree(harvest_dir)
+    assert list((tmp_path / "out" / "tms" / "markers").glob("harvest-*.done"))
+    tms = tms_block(sidecar={"api_key": "never-written-key"})
+    config = make_config(tmp_path, tiny_model_dir, short_answer_data, tms,
+                         hub_model_id="someone/tms-student", hub_strategy="every_save")
+    proc = run_axolotl_train(config, timeout=1200, env={"HF_HUB_OFFLINE": "1"})
+    assert "holds 0 of 3 checkpoints now; training the harvest again" in proc.stdout
+    assert "tms harvest:   done: 3 checkpoints" in proc.stdout, proc.stdout[-4000:]
+    harvest_config = harvest_dir / "harvest_config.yml"
+    text = harvest_config.read_text()
+    assert "hub_" not in text and "never-written-key" not in text
+    assert harvest_config.stat().st_mode & 0o777 == 0o600
+    harvest_log = (harvest_dir / "harvest.log").read_text()
+    assert "someone/tms-student" not in harvest_log and "OfflineModeIsEnabled" not in harvest_log
+    assert len(list((harvest_dir / "tms_checkpoints").glob("checkpoint-*"))) == T

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -62,6 +63,48 @@ def no_server_survives():
             return
         time.sleep(1)
     pytest.fail(f"vLLM server processes survived the test: {[p.pid for p in left]}")
+
+
+def server_group(leader: int) -> list[psutil.Process]:
+    process = psutil.Process(leader)
+    return [process, *process.children(recursive=True)]
+
+
+def server_facts(leader: int) -> dict:
+    """What another user of the machine could see of, or reach in, a running server."""
+    group = server_group(leader)
+    env = group[0].environ()
+    key = env["VLLM_API_KEY"]
+    holding_key = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if key in " ".join(process.info["cmdline"] or []):
+            holding_key.append(process.info["pid"])
+    listeners = {p.pid: [c for c in p.net_connections(kind="inet")
+                         if c.status == psutil.CONN_LISTEN] for p in group}
+    unix = {p.pid: [c.laddr for c in p.net_connections(kind="unix") if c.laddr] for p in group}
+    return {"key": key, "dev_mode": env.get("VLLM_SERVER_DEV_MODE"), "cmdline_pids": holding_key,
+            "listeners": listeners, "unix": unix, "cmdline": group[0].cmdline()}
+
+
+def assert_private(facts: dict, socket_path: str) -> None:
+    """Key only in the environment; the API on the private socket, on no TCP port."""
+    assert facts["key"] and not facts["cmdline_pids"], "the API key is on a command line"
+    assert "--api-key" not in facts["cmdline"] and "--host" not in facts["cmdline"]
+    api = [pid for pid, paths in facts["unix"].items() if socket_path in paths]
+    assert api, f"no process of the server listens on {socket_path}"
+    for pid in api:
+        assert not facts["listeners"][pid], f"the API process listens on TCP: {facts}"
+    # The engine's own torch.distributed listeners (a world of one) stay on loopback.
+    for connections in facts["listeners"].values():
+        assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in connections), facts["listeners"]
+    mode = os.stat(os.path.dirname(socket_path)).st_mode & 0o777
+    assert mode == 0o700, oct(mode)
+    assert os.geteuid() == 0, "the other-user check needs root (runuser)"
+    other = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c",
+         f"import socket; socket.socket(socket.AF_UNIX).connect({socket_path!r})"],
+        capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "PermissionError" in other.stderr, other.stderr
 
 
 def generator(tmp_path, sidecar_python, base_model, **sidecar) -> VLLMGenerator:
@@ -117,8 +160,13 @@ def test_lora_adapters_in_one_server_match_transformers_greedy(tmp_path, sidecar
     backend = generator(tmp_path, sidecar_python, smollm2_model_dir)
     try:
         served = [label for batch in backend.generate_many(jobs, greedy) for label in batch]
+        facts = server_facts(backend.sidecar.process.pid)
+        socket_path = backend.endpoint.uds
     finally:
         backend.close()
+    assert facts["dev_mode"] is None, "a LoRA server must not have dev mode"
+    assert_private(facts, socket_path)
+    assert not os.path.exists(os.path.dirname(socket_path))  # removed with the server
     assert backend.sidecar.starts == 1  # one server for every adapter
     assert [s.mechanism for s in backend.switches] == ["adapter-load", "adapter-load"]
 
@@ -161,8 +209,13 @@ def test_full_weight_checkpoints_match_transformers_greedy_after_in_place_reload
     try:
         served = {(l.prompt_key, l.checkpoint): l
                   for batch in backend.generate_many(jobs, greedy) for l in batch}
+        facts = server_facts(backend.sidecar.process.pid)
+        socket_path = backend.endpoint.uds
     finally:
         backend.close()
+    # Dev mode (unguarded RPC routes) only because the server is on the private socket.
+    assert facts["dev_mode"] == "1"
+    assert_private(facts, socket_path)
     assert [s.mechanism for s in backend.switches] == ["initial-start", "in-place-reload"]
     assert backend.sidecar.starts == 1
     reference = HFGenerator(batch_size=8, dtype="float32")
@@ -187,8 +240,9 @@ def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
     settings = SamplingSettings(temperature=1.0, top_p=1.0)
 
     def run(kill: bool) -> dict:
+        # Over loopback TCP (`transport: tcp`), which never gets dev mode.
         backend = generator(tmp_path / ("killed" if kill else "calm"), sidecar_python,
-                            tiny_model_dir, concurrency=8)
+                            tiny_model_dir, concurrency=8, transport="tcp", host="::1")
         labels: dict = {}
         try:
             for batch in backend.generate(tiny_model_dir, requests, settings):
@@ -196,6 +250,9 @@ def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
                     assert label.prompt_key not in labels, "an item was answered twice"
                     labels[label.prompt_key] = label
                 if kill and backend.sidecar.starts == 1:
+                    facts = server_facts(backend.sidecar.process.pid)
+                    assert facts["dev_mode"] is None and not facts["cmdline_pids"]
+                    assert backend.endpoint.base_url.startswith("http://[::1]:")
                     os.killpg(backend.sidecar.process.pid, signal.SIGKILL)
         finally:
             backend.close()
@@ -238,8 +295,50 @@ def test_full_pipeline_with_vllm_backend_and_full_weight_checkpoints(
              "sidecar": {"python": sidecar_python}},
     )
     cfg.pop("max_steps")
-    proc = run_axolotl_train(write_config(tmp_path / "cfg.yml", cfg), timeout=1800)
+    seen: list[dict] = []
+    stop = threading.Event()
+
+    def inspect(process: psutil.Process) -> dict:
+        cmdline = process.cmdline()
+        uds = cmdline[cmdline.index("--uds") + 1]
+        client = httpx.Client(transport=httpx.HTTPTransport(uds=uds), base_url="http://x")
+        deadline = time.time() + 600
+        while time.time() < deadline and not stop.is_set():  # up: engine and API listening
+            try:
+                if client.get("/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        facts = server_facts(process.pid)
+        assert_private(facts, uds)
+        return {"pid": process.pid, "dev_mode": facts["dev_mode"], "key": facts["key"]}
+
+    def watch():  # while the run goes on: inspect every sidecar it launches
+        while not stop.is_set():
+            for process in vllm_processes():
+                try:
+                    if process.cmdline()[1:3] != ["-m", "vllm.entrypoints.openai.api_server"] \
+                            or any(f["pid"] == process.pid for f in seen):
+                        continue
+                    seen.append(inspect(process))
+                except psutil.Error:
+                    continue  # it exited meanwhile (a restart)
+                except Exception as error:  # reported by the test below
+                    seen.append({"pid": process.pid, "error": repr(error)})
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = run_axolotl_train(write_config(tmp_path / "cfg.yml", cfg), timeout=1800)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
     assert_ok(proc)
+    assert seen and all("error" not in f for f in seen), seen
+    assert all(f["dev_mode"] == "1" for f in seen)  # full weights reloaded on the socket
+    logs = "".join(p.read_text() for p in (tmp_path / "out" / "tms").rglob("*.log"))
+    assert logs and not any(f["key"] in logs for f in seen), "the key was logged"
     switches = [line for line in proc.stdout.splitlines() if "tms sidecar: checkpoint" in line]
     assert any("served by initial-start" in line for line in switches)
     assert any("served by in-place-reload" in line or "served by restart" in line
