@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from tms_axolotl_plugin.config import TMSConfig
 from tms_axolotl_plugin.generation import GenerationRequest, HFGenerator, SamplingSettings
 from tms_axolotl_plugin.offline_assets import gsm8k_jsonl, smollm2_dir
@@ -71,8 +69,8 @@ def main() -> None:
         body = {"model": "base", "prompt": [list(p) for p in prompts],
                 "max_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "seed": 1}
         started = time.perf_counter()
-        response = httpx.post(f"{backend.url}/v1/completions", json=body, timeout=3600,
-                              headers={"Authorization": f"Bearer {backend.api_key}"})
+        with backend.endpoint.client(timeout=3600) as client:
+            response = client.post("/v1/completions", json=body)
         response.raise_for_status()
         seconds = time.perf_counter() - started
         tokens = response.json()["usage"]["completion_tokens"]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 from tms_axolotl_plugin.sidecar import free_port
 
@@ -19,10 +21,10 @@ from pathlib import Path
 import torch.distributed as dist
 from tms_axolotl_plugin import ranks
 
-if ranks.world_size() > 1:
-    dist.init_process_group("gloo")
-ranks.agree_on_launch_id()
 markers, fail = Path(sys.argv[1]), sys.argv[2] == "fail"
+if ranks.world_size() > 1 and sys.argv[3] == "process-group":
+    dist.init_process_group("gloo")
+ranks.agree_on_launch_id()  # else through the torchrun agent's store
 answers = markers / "answers.txt"
 if ranks.rank() == 0:
     try:
@@ -45,7 +47,8 @@ def clean_env() -> dict[str, str]:
 
 
 def run(markers: Path, outcome: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", STAGE, str(markers), outcome], env=clean_env(),
+    return subprocess.run([sys.executable, "-c", STAGE, str(markers), outcome, "none"],
+                          env=clean_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -60,28 +63,31 @@ def test_failure_of_an_earlier_launch_from_the_same_parent_does_not_fail_the_rer
     assert "rank 0 ok" in second.stdout
 
 
-def torchrun(tmp_path: Path, outcome: str, script: Path) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, outcome: str, script: Path,
+             sharing: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                "--nproc_per_node", "2", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "slurm-job-42",
-               str(script), str(tmp_path), outcome]
+               str(script), str(tmp_path), outcome, sharing]
     return subprocess.run(command, env=clean_env(), capture_output=True, text=True,
                           timeout=300)
 
 
-def test_requeued_torchrun_job_with_a_fixed_rendezvous_id_succeeds_after_a_failure(tmp_path):
+@pytest.mark.parametrize("sharing", ["process-group", "agent-store"])
+def test_requeued_torchrun_job_with_a_fixed_rendezvous_id_succeeds_after_a_failure(tmp_path,
+                                                                                  sharing):
     script = tmp_path / "stage.py"
     script.write_text(STAGE)
     markers = tmp_path / "markers"
     markers.mkdir()
-    first = torchrun(markers, "fail", script)
+    first = torchrun(markers, "fail", script, sharing)
     output = first.stdout + first.stderr
     assert first.returncode != 0
     assert "another rank failed in stage 'retention': RuntimeError: disk full" in output
     stale = list(markers.glob("retention.*.failed"))
     assert len(stale) == 1
 
-    second = torchrun(markers, "ok", script)
+    second = torchrun(markers, "ok", script, sharing)
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
     launches = {line.rsplit(" ", 1)[-1] for line in second.stdout.splitlines() if " ok in " in line}

@@ -320,7 +320,6 @@ class Pipeline:
             _summary("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
 
         ranks.main_does_then_all_wait(self.paths.markers, "harvest", work)
-        run_id = harvest_dir / HARVEST_RUN_ID_FILE
         self.harvest_run_id = run_id.read_text() if run_id.exists() else ""
         found = harvested_checkpoints(harvest_dir)
         return {t: c.path for t, c in enumerate(found[-T:], start=1)}

@@ -5,7 +5,8 @@ long hits the collective timeout, so ranks wait on marker files in the shared ou
 instead: no timeout, and a failure on one rank is written down and re-raised on every other.
 
 Every failure and release marker carries the launch identity: a random id that rank 0 draws at
-the start of each launch and hands to the other ranks in one short broadcast. It is the same on
+the start of each launch and hands to the other ranks (through the process group, or before
+there is one through the torchrun agent's store). It is the same on
 every rank of a launch and new for every launch (container restarts where the launcher is pid
 1, torchrun restarts, a requeued job with a fixed rendezvous id), so no rank ever acts on a
 marker an earlier launch left behind.
@@ -69,22 +70,48 @@ def _process_group_ready() -> bool:
     return is_distributed() and dist.is_initialized()
 
 
+def _share_through_agent_store(drawn: str) -> str | None:
+    """Share rank 0's id through the store of torchrun's elastic agent (also behind
+    `accelerate launch`), which exists before any process group and is new for every launch
+    and restart. None when the launcher has no such store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        return None
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                     world_size(), is_master=False, timeout=timedelta(minutes=30))
+    key = f"tms_launch_id/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if rank() == 0:
+        store.set(key, drawn)
+    return store.get(key).decode()  # waits until rank 0 has set it
+
+
 def agree_on_launch_id() -> str:
     """Draw this launch's id on rank 0 and give it to every rank. A collective: every rank of
     the launch calls it once, at the same point (the start of the pipeline)."""
     global _launch_id
     drawn = uuid.uuid4().hex
     if world_size() > 1:
-        if not _process_group_ready():
-            raise TMSError(
-                f"this run has WORLD_SIZE={world_size()} but no torch.distributed process "
-                "group, so its ranks cannot agree on a launch identity; start it with "
-                "`axolotl train`, `accelerate launch` or `torchrun`")
         import torch.distributed as dist
 
-        box = [drawn]
-        dist.broadcast_object_list(box, src=0)
-        drawn = box[0]
+        if dist.is_available() and dist.is_initialized():
+            shared = None
+        else:
+            shared = _share_through_agent_store(drawn)
+        if shared is None:
+            if not _process_group_ready():
+                raise TMSError(
+                    f"this run has WORLD_SIZE={world_size()} but neither a torch.distributed "
+                    "process group nor a torchrun agent store, so its ranks cannot agree on a "
+                    "launch identity; start it with `axolotl train`, `accelerate launch` or "
+                    "`torchrun`")
+            box = [drawn]
+            dist.broadcast_object_list(box, src=0)
+            shared = box[0]
+        drawn = shared
     _launch_id = drawn
     return drawn
 
