@@ -372,3 +372,6 @@ def test_deleted_harvest_is_trained_again_without_any_hub_call(full_run, tmp_pat
     harvest_log = (harvest_dir / "harvest.log").read_text()
     assert "someone/tms-student" not in harvest_log and "OfflineModeIsEnabled" not in harvest_log
     assert len(list((harvest_dir / "tms_checkpoints").glob("checkpoint-*"))) == T
+    # The same settings do reach the student: Axolotl's trainer tries to create its repo, which
+    # fails offline (the student's push is Axolotl's behaviour, not the plugin's).
+    assert "OfflineModeIsEnabled" in proc.stdout.split("tms student:")[-1]

@@ -162,10 +162,10 @@ def test_lora_adapters_in_one_server_match_transformers_greedy(tmp_path, sidecar
         served = [label for batch in backend.generate_many(jobs, greedy) for label in batch]
         facts = server_facts(backend.sidecar.process.pid)
         socket_path = backend.endpoint.uds
+        assert facts["dev_mode"] is None, "a LoRA server must not have dev mode"
+        assert_private(facts, socket_path)  # while it runs
     finally:
         backend.close()
-    assert facts["dev_mode"] is None, "a LoRA server must not have dev mode"
-    assert_private(facts, socket_path)
     assert not os.path.exists(os.path.dirname(socket_path))  # removed with the server
     assert backend.sidecar.starts == 1  # one server for every adapter
     assert [s.mechanism for s in backend.switches] == ["adapter-load", "adapter-load"]
@@ -210,12 +210,12 @@ def test_full_weight_checkpoints_match_transformers_greedy_after_in_place_reload
         served = {(l.prompt_key, l.checkpoint): l
                   for batch in backend.generate_many(jobs, greedy) for l in batch}
         facts = server_facts(backend.sidecar.process.pid)
-        socket_path = backend.endpoint.uds
+        # Dev mode (unguarded RPC routes) only because the server is on the private socket.
+        assert facts["dev_mode"] == "1"
+        assert_private(facts, backend.endpoint.uds)  # while it runs
     finally:
         backend.close()
-    # Dev mode (unguarded RPC routes) only because the server is on the private socket.
-    assert facts["dev_mode"] == "1"
-    assert_private(facts, socket_path)
+    assert not os.path.exists(os.path.dirname(backend.endpoint.uds))
     assert [s.mechanism for s in backend.switches] == ["initial-start", "in-place-reload"]
     assert backend.sidecar.starts == 1
     reference = HFGenerator(batch_size=8, dtype="float32")
