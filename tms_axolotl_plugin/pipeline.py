@@ -405,12 +405,11 @@ class Pipeline:
         g, s = self.tms.generation, self.tms.sidecar
         if g.backend != "vllm" or not s.url:
             return
-        from tms_axolotl_plugin.sidecar import Endpoint, wait_for_health
-        from tms_axolotl_plugin.vllm_backend import API_KEY_ENV
+        from tms_axolotl_plugin.sidecar import wait_for_health
+        from tms_axolotl_plugin.vllm_backend import user_server_endpoint
 
         try:
-            wait_for_health(Endpoint(s.url, api_key=s.api_key or os.environ.get(API_KEY_ENV)),
-                            timeout_s=15)
+            wait_for_health(user_server_endpoint(s), timeout_s=15)
         except TMSError as error:
             raise TMSError(f"tms.sidecar.url: {error}. Start the server first, or leave "
                            "tms.sidecar.url unset to let the plugin launch one.") from None

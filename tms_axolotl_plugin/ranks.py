@@ -59,11 +59,10 @@ def clean_launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _process_group_ready() -> bool:
+    """Whether Axolotl (when this runs inside it) has, or now creates, a process group."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return True
-    try:  # inside an Axolotl run: the process group Axolotl itself would create
+    try:
         from axolotl.utils.distributed import is_distributed
     except ImportError:
         return False
@@ -97,12 +96,10 @@ def agree_on_launch_id() -> str:
     if world_size() > 1:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            shared = None
-        else:
-            shared = _share_through_agent_store(drawn)
+        group = dist.is_available() and dist.is_initialized()
+        shared = None if group else _share_through_agent_store(drawn)
         if shared is None:
-            if not _process_group_ready():
+            if not (group or _process_group_ready()):
                 raise TMSError(
                     f"this run has WORLD_SIZE={world_size()} but neither a torch.distributed "
                     "process group nor a torchrun agent store, so its ranks cannot agree on a "

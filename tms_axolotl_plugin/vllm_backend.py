@@ -46,6 +46,12 @@ SEED_MODULUS = 2**31 - 1
 API_KEY_ENV = "TMS_SIDECAR_API_KEY"
 
 
+def user_server_endpoint(settings) -> Endpoint:
+    """The server at `tms.sidecar.url`; its key from the config, else (containers) the
+    environment."""
+    return Endpoint(settings.url or "", api_key=settings.api_key or os.environ.get(API_KEY_ENV))
+
+
 @dataclass
 class Switch:
     checkpoint: int
@@ -69,9 +75,7 @@ class VLLMGenerator:
         self.base_model = base_model
         self.log_dir = Path(log_dir)
         self.sidecar: VLLMSidecar | None = None
-        # A key for a server you run yourself can come from the environment (containers).
-        self.endpoint = Endpoint(self.settings.url or "",
-                                 api_key=self.settings.api_key or os.environ.get(API_KEY_ENV))
+        self.endpoint = user_server_endpoint(self.settings)  # a launched server replaces it
         self.switches: list[Switch] = []
         self.serving: Path | None = None  # the full-weight checkpoint the server has loaded
 
