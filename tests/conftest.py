@@ -156,3 +156,32 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# Sampling settings a checkpoint's generation_config.json may carry (Qwen2.5-Instruct ships
+# top_k 20 and repetition_penalty 1.05); generation must ignore all of them.
+LEAKY_GENERATION_CONFIG = {"do_sample": True, "top_k": 1, "min_p": 0.9,
+                           "repetition_penalty": 1.5, "no_repeat_ngram_size": 1}
+
+
+def sharpened_copy(model_dir: Path, target: Path, generation_config: dict | None = None) -> Path:
+    """The tiny model with its logits sharpened 8x (final norm scaled): its plain samples at
+    temperature 1 repeat tokens often (as its greedy decoding does) yet differ from seed to
+    seed. `generation_config`: settings added to its generation_config.json."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    if generation_config:
+        path = target / "generation_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **generation_config}))
+    return target
+
+
+def repeated_tokens(tokens) -> int:
+    """How many tokens of an answer already occurred earlier in it."""
+    return len(tokens) - len(set(tokens))

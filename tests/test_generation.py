@@ -9,7 +9,10 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
+from conftest import LEAKY_GENERATION_CONFIG, repeated_tokens, sharpened_copy
+from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.generation import (
+    SAMPLING_PROTOCOL,
     GenerationRequest,
     HFGenerator,
     SamplingSettings,
@@ -304,3 +307,100 @@ def test_samples_follow_the_tempered_nucleus_distribution(tiny_model_dir, tokeni
     assert {a.text for a in answers} <= allowed
     if top_p < 1.0:
         assert len(allowed) < 1000
+
+
+# ---- every sampling parameter is ours, none from the checkpoint's generation_config ---------
+
+
+@pytest.fixture(scope="module")
+def leaky_checkpoints(tmp_path_factory, tiny_model_dir):
+    """Two identical checkpoints whose generation_config.json sets top_k 1, min_p 0.9,
+    repetition_penalty 1.5 and no_repeat_ngram_size 1, and the same weights without them."""
+    root = tmp_path_factory.mktemp("generation_config")
+    leaky = {t: sharpened_copy(tiny_model_dir, root / f"checkpoint-{t}", LEAKY_GENERATION_CONFIG)
+             for t in (1, 2)}
+    return leaky, sharpened_copy(tiny_model_dir, root / "plain")
+
+
+def answer_tokens(path, requests, settings=SAMPLE) -> dict:
+    return {key: tokens for batch in HFGenerator(8).generate_tokens(path, requests, settings)
+            for key, tokens in batch.items()}
+
+
+def test_a_checkpoints_generation_config_does_not_change_its_answers(tokenizer,
+                                                                      leaky_checkpoints):
+    leaky, plain = leaky_checkpoints
+    prompts = [prompt_ids(tokenizer, f"Question {i}: tell me something.") for i in range(8)]
+    requests = {t: [GenerationRequest(f"q{i}", t, ids, 24) for i, ids in enumerate(prompts)]
+                for t in (1, 2)}
+    first, second = (answer_tokens(leaky[t], requests[t]) for t in (1, 2))
+    # top_k 1 or min_p 0.9 would make identical weights answer alike whatever the seed
+    assert sum(first[k] != second[k] for k in first) >= 6
+    # no_repeat_ngram_size 1 would forbid every repeat; plain samples of this model repeat
+    repeats = [repeated_tokens(a) for a in [*first.values(), *second.values()]]
+    assert sum(r > 0 for r in repeats) >= 12 and sum(repeats) >= 100, repeats
+    # exactly the answers of the same weights without those settings (no penalty either)
+    assert first == answer_tokens(plain, requests[1])
+    greedy = SamplingSettings(greedy=True)  # the retention probe's reference answers
+    assert answer_tokens(leaky[1], requests[1], greedy) == answer_tokens(plain, requests[1],
+                                                                         greedy)
+
+
+def test_penalties_count_the_rows_own_prompt_and_answer_never_its_padding():
+    from tms_axolotl_plugin.generation import RequestPenalties
+
+    settings = SamplingSettings(repetition_penalty=2.0, presence_penalty=0.5,
+                                frequency_penalty=0.25)
+    # width-4 prompts, left-padded with token 0; two answer tokens so far
+    input_ids = torch.tensor([[0, 0, 5, 6, 7, 7], [1, 2, 3, 4, 5, 0]])
+    scores = torch.tensor([[1.0] * 8, [-1.0] * 8])
+    out = RequestPenalties(settings, [2, 4], 4)(input_ids, scores)
+    # row 0: prompt {5, 6} and answer {7, 7}; the padding 0s count for nothing
+    assert out[0].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5 - 0.5 - 2 * 0.25]
+    # row 1: prompt {1, 2, 3, 4}, answer {5, 0}; negative logits are multiplied
+    assert out[1].tolist() == [-2.0 - 0.75, -2.0, -2.0, -2.0, -2.0, -2.0 - 0.75, -1.0, -1.0]
+
+
+def test_user_set_truncation_and_penalties_apply_per_request(leaky_checkpoints, tokenizer):
+    _, plain = leaky_checkpoints
+    target = request(tokenizer, QUESTIONS[1], max_new_tokens=16)
+    others = [request(tokenizer, q, max_new_tokens=16) for q in QUESTIONS[2:5]]
+    tuned = SamplingSettings(top_k=5, min_p=0.05, repetition_penalty=1.3,
+                             presence_penalty=0.5, frequency_penalty=0.5)
+    alone = answer_tokens(plain, [target], tuned)
+    assert alone == {k: v for k, v in answer_tokens(plain, [*others, target], tuned).items()
+                     if k == target.prompt_key}, "padding and company change nothing"
+    assert alone != answer_tokens(plain, [target])
+    # top_k 1 is greedy decoding; a strong repetition penalty stops greedy's repeats
+    assert answer_tokens(plain, [target], SamplingSettings(top_k=1)) == \
+        answer_tokens(plain, [target], SamplingSettings(greedy=True))
+    greedy = answer_tokens(plain, [target, *others], SamplingSettings(greedy=True))
+    unrepeated = answer_tokens(plain, [target, *others],
+                               SamplingSettings(greedy=True, repetition_penalty=1e3))
+    assert all(repeated_tokens(a) > 0 for a in greedy.values())
+    assert all(repeated_tokens(a) == 0 for a in unrepeated.values())
+
+
+def test_sampling_settings_come_from_the_config_and_are_stated_in_full():
+    from tms_axolotl_plugin.config import GenerationConfig
+
+    settings = SamplingSettings.from_config(GenerationConfig(top_k=40, repetition_penalty=1.1))
+    assert settings.as_dict() == {
+        "protocol": SAMPLING_PROTOCOL, "decoding": "sample", "temperature": 1.0, "top_p": 1.0,
+        "top_k": 40, "min_p": 0.0, "repetition_penalty": 1.1, "presence_penalty": 0.0,
+        "frequency_penalty": 0.0}
+    assert SamplingSettings.from_config(GenerationConfig()) == SamplingSettings()
+    assert SamplingSettings(greedy=True).as_dict()["temperature"] == 0.0
+
+
+def test_regenerate_records_the_sampling_settings_and_refuses_others(
+    tmp_path, checkpoint_paths, requests_two_checkpoints
+):
+    store = LabelStore(tmp_path / "labels")
+    requests = requests_two_checkpoints[:2]
+    regenerate(requests, checkpoint_paths, HFGenerator(4), SAMPLE, store)
+    record = json.loads((store.directory / "sampling.json").read_text())
+    assert record == SAMPLE.as_dict()
+    with pytest.raises(TMSError, match="sampled with"):
+        regenerate(requests, checkpoint_paths, HFGenerator(4),
+                   SamplingSettings(repetition_penalty=1.05), store)

@@ -118,3 +118,27 @@ def test_first_record_for_a_key_wins_when_a_key_was_written_twice(tmp_path):
 )
 def test_usable_only_for_non_empty_answers_that_ended_with_eos(text, finish, usable):
     assert label("p", 1, text, finish).usable is usable
+
+
+def test_sampling_settings_are_recorded_once_and_a_different_record_is_refused(tmp_path):
+    from tms_axolotl_plugin.errors import TMSError
+
+    store = LabelStore(tmp_path / "labels")
+    params = {"protocol": 2, "temperature": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    store.record_sampling(params)
+    store.append(0, [label("p0", 1)])
+    LabelStore(tmp_path / "labels").record_sampling(dict(params))  # the same: accepted
+    assert json.loads((store.directory / "sampling.json").read_text()) == params
+    with pytest.raises(TMSError, match="sampled with .*'repetition_penalty': 1.05"):
+        store.record_sampling({**params, "repetition_penalty": 1.05})
+    assert json.loads((store.directory / "sampling.json").read_text()) == params
+
+
+def test_answers_without_a_sampling_record_are_not_mixed_with_new_ones(tmp_path):
+    from tms_axolotl_plugin.errors import TMSError
+
+    store = LabelStore(tmp_path / "labels")
+    store.append(0, [label("p0", 1)])  # as an older version left it
+    with pytest.raises(TMSError, match="without a record of their sampling settings"):
+        store.record_sampling({"protocol": 2})
+    assert not (store.directory / "sampling.json").exists()

@@ -115,7 +115,8 @@ def test_prepared_rows_split_into_prompt_and_answer_for_the_plugin(tmp_path, tin
     examples = load_training_examples(cfg, tokenizer)
     assert [e.usable for e in examples] == [True, True]
     for example, row in zip(examples, rows + gsm, strict=True):
-        prompt = tokenizer.decode(example.prompt_ids)
-        answer = tokenizer.decode(example.answer_ids)
+        (turn,) = example.turns
+        prompt = tokenizer.decode(turn.prompt_ids)
+        answer = tokenizer.decode(turn.answer_ids)
         assert row["messages"][0]["content"] in prompt
         assert row["messages"][1]["content"] in answer and row["messages"][1]["content"] not in prompt

@@ -54,6 +54,52 @@ def test_dev_mode_only_on_the_private_socket(tmp_path):
         tcp.close()
 
 
+def test_launched_server_uses_vllms_neutral_sampling_defaults(tmp_path):
+    for server in (sidecar(tmp_path), sidecar(tmp_path, transport="tcp")):
+        try:
+            command = server.command()
+            assert command[command.index("--generation-config") + 1] == "vllm"
+        finally:
+            server.close()
+
+
+def test_every_request_states_every_sampling_parameter(tmp_path):
+    import asyncio
+    import json
+
+    import httpx
+
+    from tms_axolotl_plugin.config import TMSConfig
+    from tms_axolotl_plugin.generation import GenerationRequest, SamplingSettings
+    from tms_axolotl_plugin.vllm_backend import VLLMGenerator
+
+    bodies = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"text": "4", "finish_reason": "stop"}],
+                                         "usage": {"completion_tokens": 2}})
+
+    backend = VLLMGenerator(TMSConfig(), {}, "/models/m", tmp_path)
+    request = GenerationRequest("k", 3, (1, 2, 3), 16)
+
+    async def send(settings):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(server),
+                                     base_url="http://x") as client:
+            return await backend._complete(client, request, "base", settings)
+
+    label = asyncio.run(send(SamplingSettings()))
+    assert (label.text, label.finish_reason, label.num_tokens) == ("4", "stop", 2)
+    asyncio.run(send(SamplingSettings(greedy=True, repetition_penalty=1.2)))
+    neutral = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+               "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    common = {"model": "base", "prompt": [1, 2, 3], "max_tokens": 16,
+              "seed": request.seed % (2**31 - 1), "n": 1, "stop": [], "bad_words": [],
+              "min_tokens": 0, "ignore_eos": False, "skip_special_tokens": True}
+    assert bodies[0] == {**common, **neutral}
+    assert bodies[1] == {**common, **neutral, "temperature": 0.0, "repetition_penalty": 1.2}
+
+
 def test_user_env_cannot_reach_the_key_or_dev_mode(tmp_path):
     with pytest.raises(ValueError, match="VLLM_API_KEY is controlled by the plugin"):
         SidecarConfig(env={"VLLM_API_KEY": "mine"})

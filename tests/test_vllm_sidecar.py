@@ -15,7 +15,16 @@ import httpx
 import psutil
 import pytest
 
-from conftest import assert_ok, base_config, read_jsonl, run_axolotl_train, write_config
+from conftest import (
+    LEAKY_GENERATION_CONFIG,
+    assert_ok,
+    base_config,
+    read_jsonl,
+    repeated_tokens,
+    run_axolotl_train,
+    sharpened_copy,
+    write_config,
+)
 from tms_axolotl_plugin.config import TMSConfig
 from tms_axolotl_plugin.generation import GenerationRequest, HFGenerator, SamplingSettings
 from tms_axolotl_plugin.sidecar import free_port
@@ -227,6 +236,36 @@ def test_full_weight_checkpoints_match_transformers_greedy_after_in_place_reload
                 assert got.finish_reason == label.finish_reason
     # The reload really swapped the weights: the two checkpoints answer differently.
     assert any(served[(f"q{i}", 1)].text != served[(f"q{i}", 2)].text for i in range(3))
+
+
+def test_a_checkpoints_generation_config_does_not_change_vllm_answers(tmp_path, sidecar_python,
+                                                                     tiny_model_dir):
+    """Two identical full-weight checkpoints whose generation_config.json sets top_k 1, min_p
+    0.9, repetition_penalty 1.5 (vLLM's defaults with `--generation-config auto`), served by
+    one server launched with the first of them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    leaky = {t: sharpened_copy(tiny_model_dir, tmp_path / f"checkpoint-{t}",
+                               LEAKY_GENERATION_CONFIG) for t in (1, 2)}
+    prompts = chat_prompts(tokenizer, [f"Question {i}: tell me something." for i in range(8)])
+    jobs = [(leaky[t], [GenerationRequest(f"q{i}", t, ids, 24) for i, ids in enumerate(prompts)])
+            for t in (1, 2)]
+    backend = generator(tmp_path, sidecar_python, tiny_model_dir)
+    try:
+        served = {(label.prompt_key, label.checkpoint): label
+                  for batch in backend.generate_many(jobs, SamplingSettings()) for label in batch}
+        cmdline = psutil.Process(backend.sidecar.process.pid).cmdline()
+    finally:
+        backend.close()
+    assert cmdline[cmdline.index("--generation-config") + 1] == "vllm"
+    assert [s.mechanism for s in backend.switches] == ["initial-start", "in-place-reload"]
+    # top_k 1 or min_p 0.9 would make identical weights answer alike whatever the seed
+    assert sum(served[(f"q{i}", 1)].text != served[(f"q{i}", 2)].text for i in range(8)) >= 6
+    # plain samples of this model repeat tokens often; a 1.5 repetition penalty stops most
+    repeats = [repeated_tokens(tokenizer.encode(label.text, add_special_tokens=False))
+               for label in served.values()]
+    assert sum(r > 0 for r in repeats) >= 12 and sum(repeats) >= 100, repeats
 
 
 def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(

@@ -71,6 +71,45 @@ class GenerationConfig(_Section):
         le=1,
         description="Nucleus-sampling mass in (0, 1]. 1.0 keeps the full distribution.",
     )
+    # Every sampling parameter is stated with each request, so nothing is left to the
+    # checkpoint's generation_config.json (Qwen2.5-Instruct ships top_k 20, repetition_penalty
+    # 1.05): the defaults below are the neutral values, a plain sample of the policy.
+    top_k: int = Field(
+        default=0,
+        ge=0,
+        description="Keep only the k most likely tokens; 0 = off (the method's setting). Any "
+        "other value departs from TMS, which trains on plain samples of each checkpoint's "
+        "policy.",
+    )
+    min_p: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Drop tokens less likely than min_p times the most likely one; 0 = off (the "
+        "method's setting). Any other value departs from TMS (plain samples of the policy).",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0,
+        description="Divide the logits of tokens already in the prompt or answer by this; 1.0 = "
+        "off (the method's setting). Any other value departs from TMS (plain samples of the "
+        "policy). The checkpoint's own generation_config.json is never applied.",
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2,
+        le=2,
+        description="Subtracted from the logits of tokens already in the answer; 0 = off (the "
+        "method's setting). Any other value departs from TMS (plain samples of the policy).",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2,
+        le=2,
+        description="Subtracted from a token's logit per earlier occurrence in the answer; 0 = "
+        "off (the method's setting). Any other value departs from TMS (plain samples of the "
+        "policy).",
+    )
     max_new_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -101,6 +140,12 @@ PROTECTED_SERVER_FLAGS = {
     "--config": "list the flags themselves in tms.sidecar.extra_args (a vLLM --config file "
                 "could set host, port, socket or key)",
     "--grpc-port": "nothing: an extra gRPC listener would bypass the private socket",
+    # The server's default sampling parameters must be vLLM's neutral ones (the plugin passes
+    # `--generation-config vllm`); each request states its own from tms.generation.*.
+    "--generation-config": "tms.generation.* for sampling settings (the plugin starts the "
+                           "server with --generation-config vllm, neutral defaults)",
+    "--override-generation-config": "tms.generation.* for sampling settings (the server's "
+                                    "defaults stay vLLM's neutral ones)",
 }
 PROTECTED_SERVER_ENV = {
     "VLLM_SERVER_DEV_MODE": "nothing: the plugin enables dev mode itself, only for in-place "
@@ -167,8 +212,9 @@ class SidecarConfig(_Section):
     extra_args: list[str] = Field(
         default_factory=list,
         description="Extra command-line arguments appended to the launched server's command. "
-        "Flags the plugin owns (--host, --port, --uds, --api-key, --config, --grpc-port) are "
-        "rejected. They count in the generation fingerprint (they may change sampling).",
+        "Flags the plugin owns (--host, --port, --uds, --api-key, --config, --grpc-port, "
+        "--generation-config, --override-generation-config) are rejected. They count in the "
+        "generation fingerprint (they may change sampling).",
     )
     env: dict[str, str] = Field(
         default_factory=dict,
@@ -387,6 +433,13 @@ class TMSConfig(_Section):
         description="`offline`: TMS, answers from all T checkpoints. `iterative`: the "
         "iterative-SFT baseline, answers from the last checkpoint only.",
     )
+    turns: Literal["all", "last"] = Field(
+        default="all",
+        description="Which trained turns of a row a draw of checkpoint t replaces: `all` = "
+        "every assistant turn Axolotl trains (each answered with the conversation up to it as "
+        "context, as the method's prompts are); `last` = only the last one, earlier trained "
+        "turns keep their original label in every epoch.",
+    )
     student_init: Literal["base", "last_checkpoint"] = Field(
         default="base",
         description="Where the student starts: the base model, or the last harvested "
@@ -451,6 +504,13 @@ class TMSArgs(BaseModel):
                 raise ValueError(
                     f"`tms:` must be a mapping of settings, got {type(data['tms']).__name__}"
                 )
+            from tms_axolotl_plugin.dataset_support import check_config
+            from tms_axolotl_plugin.errors import TMSConfigError
+
+            try:
+                check_config(data)
+            except TMSConfigError as err:  # pydantic reports ValueError (and AssertionError) only
+                raise ValueError(str(err)) from None
         return data
 
 

@@ -1,10 +1,11 @@
 """README tables generated from the code: the `tms:` reference (from the config model's field
-descriptions) and which config keys decide which stage (from `stage_inputs.RULES`).
+descriptions), which config keys decide which stage (from `stage_inputs.RULES`) and which
+dataset types and run kinds TMS supports (from `dataset_support`).
 
     python -m tms_axolotl_plugin.docs           # print the tables
     python -m tms_axolotl_plugin.docs --write   # refresh them in README.md between the markers
 
-A test keeps README.md in sync with both.
+A test keeps README.md in sync with all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tms_axolotl_plugin import stage_inputs
+from tms_axolotl_plugin import dataset_support, stage_inputs
 from tms_axolotl_plugin.config import TMSConfig
 
 
@@ -48,7 +49,8 @@ def reference_table() -> str:
 
 
 # marker name in README.md -> the function that renders what goes between its markers
-TABLES = {"tms-config-reference": reference_table, "tms-stage-inputs": stage_inputs.markdown_table}
+TABLES = {"tms-config-reference": reference_table, "tms-stage-inputs": stage_inputs.markdown_table,
+          "tms-dataset-support": dataset_support.markdown_table}
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -3,6 +3,8 @@
 Append-only files, one per writer rank, flushed and fsynced per batch, so a run killed in the
 middle of regeneration keeps every finished item and a restart generates only the rest. A
 half-written last line (the kill landed mid-write) is dropped when the file is reopened.
+The exact sampling parameters the answers were drawn with are kept next to them
+(`sampling.json`); answers drawn with other parameters are never mixed into the same store.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from tms_axolotl_plugin.errors import TMSError
+from tms_axolotl_plugin.files import write_text_atomic
+
+SAMPLING_RECORD = "sampling.json"
 
 @dataclass(frozen=True)
 class GeneratedLabel:
@@ -32,6 +39,27 @@ class LabelStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+
+    def record_sampling(self, params: dict[str, Any]) -> None:
+        """Keep the sampling parameters of this store's answers; refuse different ones. Every
+        rank may call it: they write the same record."""
+        path = self.directory / SAMPLING_RECORD
+        text = json.dumps(params, sort_keys=True, indent=1) + "\n"
+        if path.exists():
+            recorded = json.loads(path.read_text())
+            if recorded != json.loads(text):
+                raise TMSError(
+                    f"the label store {self.directory} holds answers sampled with {recorded}, "
+                    f"not with {params}; answers of different sampling settings are never "
+                    "mixed. Use another output_dir, or delete that directory to regenerate.")
+            return
+        if any(self.directory.glob("labels-rank*.jsonl")):
+            raise TMSError(
+                f"the label store {self.directory} holds answers without a record of their "
+                f"sampling settings ({SAMPLING_RECORD}: written by an older version, which let "
+                "the checkpoint's generation_config change them); delete that directory to "
+                "regenerate.")
+        write_text_atomic(path, text)
 
     def _shard(self, rank: int) -> Path:
         return self.directory / f"labels-rank{rank}.jsonl"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import os
 import uuid
 from dataclasses import dataclass
@@ -46,12 +47,13 @@ from tms_axolotl_plugin.metrics import METRICS_ENV
 from tms_axolotl_plugin.mixture import build_student_rows
 from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import regenerate
+from tms_axolotl_plugin.run_summary import StageLog, fallback_warning
 from tms_axolotl_plugin.stage_inputs import stage_fingerprints
 from tms_axolotl_plugin.student import FINGERPRINT_ENV, set_aside_foreign_checkpoints
 from tms_axolotl_plugin.training_examples import (
     SOURCE_KEYS,
     TrainingExample,
-    check_supported,
+    answer_slots_for,
     dataset_entry_for,
     load_training_examples,
     write_rows,
@@ -121,7 +123,9 @@ def raw_config(cfg: Any, given: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def check_trainable(cfg: Any) -> None:
-    check_supported(cfg.datasets)
+    from tms_axolotl_plugin.dataset_support import check_datasets
+
+    check_datasets(cfg.datasets)
     if cfg.train_on_inputs:
         raise TMSConfigError(
             "`train_on_inputs: true` trains the prompt too, so TMS cannot tell prompt from "
@@ -144,6 +148,21 @@ def heldout_count(cfg: Any, tms: TMSConfig, num_examples: int) -> int:
     if count >= num_examples:
         raise TMSConfigError(f"the held-out split ({count}) leaves no training examples")
     return count
+
+
+def validated_entries(raw: dict[str, Any], entries: list[dict]) -> list[dict[str, Any]]:
+    """`entries` as Axolotl's config validation leaves them (legacy keys converted into
+    `message_property_mappings`, defaults filled): what a run with these datasets trains on."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    config = DictDefault(json.loads(json.dumps({**raw, "datasets": entries}, default=str)))
+    try:
+        validated = validate_config(config)
+    except Exception as error:  # pydantic's ValidationError, or a validator's ValueError
+        raise TMSConfigError(f"the student's `datasets:` entries fail Axolotl's config "
+                             f"validation: {error}") from None
+    return [{k: v for k, v in dict(d).items() if v is not None} for d in validated.datasets]
 
 
 def split_heldout(examples: list[TrainingExample], count: int, seed: int):
@@ -206,11 +225,18 @@ class Pipeline:
         self.raw = raw_config(cfg, given)
         self.raw_dataset_entries = self.raw.get("datasets") or []
         self.epochs = int(cfg.num_epochs or 1)
+        self.log = StageLog(self.paths.root / "run_summary.json")
+
+    def _note(self, stage: str, message: str) -> None:
+        """Log a stage's outcome and keep it for the run summary."""
+        _summary(stage, message)
+        self.log.note(stage, message)
 
     # -- stage 0: data ---------------------------------------------------------------------
     def prepare_data(self, tokenizer) -> None:
         check_trainable(self.cfg)
-        examples = load_training_examples(self.cfg, tokenizer)
+        examples = load_training_examples(self.cfg, tokenizer, self.tms.turns)
+        self.slots = answer_slots_for(self.cfg, tokenizer)
         count = heldout_count(self.cfg, self.tms, len(examples))
         seed = self.cfg.seed or 0
         # The split is part of the data: a different held-out set is different training data.
@@ -231,9 +257,21 @@ class Pipeline:
         self.heldout_entries = write_dataset_files(
             self.paths.data, f"heldout-{stem}", rows_by_dataset(self.heldout, n),
             self.raw_dataset_entries)
+        # The student trains on files of these entries: validated as Axolotl validates the
+        # harvest's config, before the harvest starts (no hours lost on a config it refuses).
+        validated = validated_entries(self.raw, self.train_entries + self.heldout_entries)
+        self.student_heldout_entries = validated[len(self.train_entries):]
+        present = [i for i, rows in enumerate(rows_by_dataset(self.train, n)) if rows]
+        self.student_entries: list[Any] = [None] * n  # by `datasets:` index, like the rows
+        for index, entry in zip(present, validated[: len(self.train_entries)], strict=True):
+            self.student_entries[index] = entry
         unusable = sum(not e.usable for e in self.train)
-        _summary("data", f"{len(self.train)} training examples ({unusable} without a separable "
-                 f"answer), {len(self.heldout)} held out; fingerprint {self.data_fp}")
+        turns = [t for e in self.train for t in e.turns]
+        kept = Counter(t.kept for t in turns if t.kept)
+        kept_text = "".join(f", {n} kept ({why})" for why, n in sorted(kept.items()))
+        self._note("data", f"{len(self.train)} training examples ({unusable} without a trained "
+                 f"answer) with {len(turns)} trained turns{kept_text}; {len(self.heldout)} "
+                 f"held out; fingerprint {self.data_fp}")
 
     # -- metric inputs (PLD held-out answers, retention reference answers) ------------------
     def prepare_metric_inputs(self, tokenizer) -> None:
@@ -246,10 +284,12 @@ class Pipeline:
 
         self.metric_inputs: dict[str, str] = {}
         if self.tms.pld.enabled and self.heldout:
-            path = (self.paths.data
-                    / f"heldout-{self.data_fp}-max{self.tms.pld.max_examples}.scored.jsonl")
-            scored = [ScoredAnswer(tuple(e.prompt_ids), tuple(e.answer_ids))
-                      for e in self.heldout if e.usable][: self.tms.pld.max_examples]
+            # Every trained turn's static label ("turns": files of the one-turn-per-row
+            # version hold last turns only and are not reused).
+            path = (self.paths.data / f"heldout-{self.data_fp}-max{self.tms.pld.max_examples}"
+                    "-turns.scored.jsonl")
+            scored = [ScoredAnswer(t.prompt_ids, t.answer_ids)
+                      for e in self.heldout for t in e.turns][: self.tms.pld.max_examples]
             if ranks.rank() == 0 and not path.exists():
                 save_scored_answers(path, scored)
             self.metric_inputs["heldout"] = str(path)
@@ -284,7 +324,7 @@ class Pipeline:
             self.harvest_from_fp = fingerprint([model_dir_digest(c.path) for c in chosen])
             self.harvest_fp = self.harvest_from_fp
             self.harvest_run_id = ""  # the fingerprint already digests the weights
-            _summary("harvest", f"skipped: taking {T} checkpoints from {self.tms.harvest_from} "
+            self._note("harvest", f"skipped: taking {T} checkpoints from {self.tms.harvest_from} "
                      f"(steps {[c.step for c in chosen]})")
             return {t: c.path for t, c in enumerate(chosen, start=1)}
 
@@ -296,10 +336,10 @@ class Pipeline:
         def work():
             found = harvested_checkpoints(harvest_dir)
             if done.exists() and len(found) >= T and run_id.exists():
-                _summary("harvest", f"skipped: finished earlier (fingerprint {self.harvest_fp})")
+                self._note("harvest", f"skipped: finished earlier (fingerprint {self.harvest_fp})")
                 return
             if done.exists():  # the folder was deleted or emptied: train it again
-                _summary("harvest", f"finished earlier, but {harvest_dir} holds {len(found)} of "
+                self._note("harvest", f"finished earlier, but {harvest_dir} holds {len(found)} of "
                          f"{T} checkpoints now; training the harvest again")
                 done.unlink()
                 run_id.unlink(missing_ok=True)
@@ -317,7 +357,7 @@ class Pipeline:
             record_stage(self.paths, "harvest", fingerprint=self.harvest_fp,
                          output_dir=str(harvest_dir), steps=[c.step for c in found])
             done.touch()
-            _summary("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
+            self._note("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
 
         ranks.main_does_then_all_wait(self.paths.markers, "harvest", work)
         self.harvest_run_id = run_id.read_text() if run_id.exists() else ""
@@ -330,7 +370,7 @@ class Pipeline:
                             self.tms.alpha, self.tms.seed, self.tms.schedule,
                             self.tms.generation.all_checkpoints)
         s = plan.savings()
-        _summary("draws", f"{self.epochs} epoch(s) x {len(self.train)} examples, original label "
+        self._note("draws", f"{self.epochs} epoch(s) x {len(self.train)} examples, original label "
                  f"kept {plan.label_fraction():.1%}; {s['generations']} generations needed vs "
                  f"{s['all_checkpoints_generations']} for all T ({s['saved']} saved, "
                  f"{s['per_prompt']:.2f} per prompt)")
@@ -340,13 +380,13 @@ class Pipeline:
         cap = self.tms.generation.max_new_tokens or self.cfg.sequence_len
         seen, requests = set(), []
         for index, t in plan.needed_pairs():
-            example = self.train[index]
-            if not example.can_regenerate(self.cfg.sequence_len) or (example.key, t) in seen:
-                continue
-            seen.add((example.key, t))
-            room = self.cfg.sequence_len - len(example.prompt_ids)
-            requests.append(GenerationRequest(example.key, t, tuple(example.prompt_ids),
-                                              min(cap, room)))
+            for turn in self.train[index].answerable_turns(self.cfg.sequence_len):
+                if (turn.key, t) in seen:
+                    continue  # the same prompt (turn) elsewhere: one answer serves both
+                seen.add((turn.key, t))
+                room = self.cfg.sequence_len - len(turn.prompt_ids)
+                requests.append(GenerationRequest(turn.key, t, turn.prompt_ids,
+                                                  min(cap, room)))
         return requests
 
     def generation_fp(self) -> str:
@@ -354,13 +394,14 @@ class Pipeline:
 
     def regenerate(self, plan: DrawPlan, checkpoints: dict[int, Path]) -> LabelStore:
         requests = self.requests(plan)
+        self.log.extra["answers_per_checkpoint"] = dict(Counter(r.checkpoint for r in requests))
         store = LabelStore(self.paths.labels / self.generation_fp())
         work_fp = fingerprint(sorted((r.prompt_key, r.checkpoint) for r in requests))
         # The vLLM server batches everything itself: one client (rank 0) feeds it.
         workers = 1 if self.tms.generation.backend == "vllm" else ranks.world_size()
         markers = [store.directory / f"done-{work_fp}-{r}-of-{workers}" for r in range(workers)]
         if all(m.exists() for m in markers):
-            _summary("regenerate", f"skipped: all {len(requests)} answers stored "
+            self._note("regenerate", f"skipped: all {len(requests)} answers stored "
                      f"({store.directory.name})")
             return store
         if ranks.rank() < workers:
@@ -369,7 +410,7 @@ class Pipeline:
                 backend = self._backend()
                 g = self.tms.generation
                 report = regenerate(requests, checkpoints, backend,
-                                    SamplingSettings(g.temperature, g.top_p), store,
+                                    SamplingSettings.from_config(g), store,
                                     ranks.rank(), workers)
             except BaseException as error:
                 ranks.record_failure(self.paths.markers, "regenerate", error)
@@ -378,7 +419,7 @@ class Pipeline:
                 if backend is not None:
                     backend.close()
             markers[ranks.rank()].touch()
-            _summary("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
+            self._note("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
                      f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
                      f"{report.already_stored} already stored")
         ranks.wait_for(markers, self.paths.markers, "regenerate")
@@ -417,18 +458,27 @@ class Pipeline:
     # -- stage 3: student ------------------------------------------------------------------
     def student(self, plan: DrawPlan, store: LabelStore, checkpoints: dict[int, Path]) -> str:
         labels = store.load()
-        rows, stats = build_student_rows(self.train, plan, labels, self.dataset_configs,
+        rows, stats = build_student_rows(self.train, plan, labels, self.slots,
                                          self.cfg.sequence_len)
         student_fp = self.fingerprints(student_inputs=plan.targets.tolist())["student"]
         entries = write_dataset_files(self.paths.student, f"mixture-{student_fp}", rows,
-                                      self.raw_dataset_entries)
+                                      self.student_entries)
         ranks.wait_for([Path(e["path"]) for e in entries], self.paths.markers, "student")
         if ranks.rank() == 0:
             write_text_atomic(self.paths.student / f"mixture-{student_fp}.stats.json",
                               json.dumps(stats.as_dict(), indent=2))
-        _summary("mixture", f"{stats.rows} rows: {stats.original_labels} original labels, "
-                 f"{sum(stats.by_checkpoint.values())} regenerated; fallbacks to the original "
-                 f"label: {stats.fallback_empty} empty, {stats.fallback_truncated} truncated")
+        self.mixture_stats = stats
+        kept = ", ".join(f"{n} {why}" for why, n in sorted(stats.turns_kept.items())) or "none"
+        self._note("mixture", f"{stats.rows} rows ({stats.original_labels} on original labels "
+                   f"only, {sum(stats.by_checkpoint.values())} with regenerated answers); "
+                   f"{stats.turns} trained turns: {stats.turns_regenerated} regenerated, "
+                   f"{stats.turns_label_drawn} label drawn, kept: {kept}; fallbacks to the "
+                   f"original label: {stats.fallback_empty} empty, {stats.fallback_truncated} "
+                   "truncated")
+        self.log.extra["mixture"] = stats.as_dict()
+        warning = fallback_warning(stats.as_dict())
+        if warning:
+            LOG.warning("tms mixture: %s", warning)
         self._point_run_at_student(entries, checkpoints)
         student_inputs = {
             **self.metric_inputs,
@@ -448,7 +498,7 @@ class Pipeline:
         cfg = self.cfg
         cfg.datasets = [DictDefault(e) for e in entries]
         if (cfg.val_set_size or 0) > 0:  # the user asked for Axolotl's own eval loss too
-            cfg.test_datasets = [DictDefault(e) for e in self.heldout_entries] or None
+            cfg.test_datasets = [DictDefault(e) for e in self.student_heldout_entries] or None
         cfg.val_set_size = 0
         cfg.num_epochs = 1  # the epoch blocks are laid out in the mixture file
         cfg.auto_resume_from_checkpoints = True
@@ -467,7 +517,7 @@ class Pipeline:
                                                  self.paths.root)
             record_stage(self.paths, "student", fingerprint=student_fp, status="running",
                          schedule=self.tms.schedule)
-            _summary("student", what)
+            self._note("student", what)
 
         ranks.main_does_then_all_wait(self.paths.markers, "student-start", work)
 
@@ -485,23 +535,45 @@ def run_pipeline(cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
         ranks.forget_other_launches(pipeline.paths.markers)
     pipeline.check_sidecar_reachable()
     tokenizer = load_tokenizer(cfg)
-    pipeline.prepare_data(tokenizer)
-    pipeline.prepare_metric_inputs(tokenizer)
-    checkpoints = pipeline.harvest()
+    log = pipeline.log
+    with log.timed("data"):
+        pipeline.prepare_data(tokenizer)
+    with log.timed("metrics"):
+        pipeline.prepare_metric_inputs(tokenizer)
+    with log.timed("harvest"):
+        checkpoints = pipeline.harvest()
     plan = pipeline.draw()
-    store = pipeline.regenerate(plan, checkpoints)
-    student_fp = pipeline.student(plan, store, checkpoints)
+    with log.timed("regenerate"):
+        store = pipeline.regenerate(plan, checkpoints)
+    with log.timed("mixture"):
+        student_fp = pipeline.student(plan, store, checkpoints)
 
     stages = read_stages(pipeline.paths)
     previous = stages.get("student", {})
     if previous.get("fingerprint") == student_fp and previous.get("status") == "done":
-        _summary("student", f"skipped: finished earlier (fingerprint {student_fp}); nothing "
-                 "left to do")
+        pipeline._note("student", f"skipped: finished earlier (fingerprint {student_fp}); "
+                       "nothing left to do")
+        if ranks.rank() == 0:
+            log.save()
+            report_run(cfg)
         raise SystemExit(0)
+    pipeline._note("student", f"training on the mixture (fingerprint {student_fp}, init "
+                   f"{tms.student_init})")
+    if ranks.rank() == 0:
+        log.save()
     pipeline.start_student(student_fp)
-    _summary("student", f"training on the mixture (fingerprint {student_fp}, init "
-             f"{tms.student_init})")
     return load_datasets(cfg=cfg)
+
+
+def report_run(cfg: Any) -> None:
+    """Rank 0, at the end: log the run summary (also written to `tms/summary.md`)."""
+    from tms_axolotl_plugin.run_summary import final_summary
+
+    try:
+        LOG.info("tms run summary (%s):\n%s", Path(cfg.output_dir) / "tms" / "summary.md",
+                 final_summary(Path(cfg.output_dir)))
+    except (OSError, ValueError, KeyError) as error:  # a summary never fails a finished run
+        LOG.warning("tms: could not write the run summary: %s", error)
 
 
 def mark_student_done(cfg: Any) -> None:
@@ -509,3 +581,4 @@ def mark_student_done(cfg: Any) -> None:
     state = read_stages(paths).get("student")
     if state and state.get("status") == "running":
         record_stage(paths, "student", **{**state, "status": "done"})
+        report_run(cfg)

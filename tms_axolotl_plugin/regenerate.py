@@ -42,6 +42,7 @@ def regenerate(
     world_size: int = 1,
 ) -> RegenerationReport:
     """Generate this rank's share of `requests` that the store does not hold yet."""
+    store.record_sampling(settings.as_dict())  # refuses a store sampled with other settings
     stored = store.load()
     mine = [r for r in requests if owner_rank(r, world_size) == rank]
     todo = [r for r in mine if (r.prompt_key, r.checkpoint) not in stored]

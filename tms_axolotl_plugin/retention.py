@@ -1,8 +1,9 @@
 """The retention probe's reference: the base model's own answers to off-task prompts.
 
-Generated once (greedy, so the reference is the base model's most likely behaviour) and cached
-under the run's `tms/retention/`, keyed by the base model, the prompts, the chat template and
-the answer length. Training then scores these answers with `pld.mean_answer_nll`.
+Generated once (greedy, so the reference is the base model's most likely behaviour; with the
+same explicit, neutral settings as regeneration, so no repetition penalty or n-gram ban of the
+checkpoint's generation_config applies) and cached under the run's `tms/retention/`, keyed by
+the base model, the prompts, the chat template, the answer length and the decoding settings. Training then scores these answers with `pld.mean_answer_nll`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tms_axolotl_plugin.logs import get_logger
 from tms_axolotl_plugin.pld import ScoredAnswer, load_scored_answers, save_scored_answers
 
 LOG = get_logger(__name__)
+REFERENCE_DECODING = SamplingSettings(greedy=True)
 
 
 def load_retention_prompts(source: str | None, limit: int) -> list[str]:
@@ -51,7 +53,8 @@ def base_answers_path(cfg, tokenizer, prompts: list[str], max_new_tokens: int,
                       cache_dir: Path) -> Path:
     """Where the base-model answers for these inputs are cached (the same on every rank)."""
     template = getattr(tokenizer, "chat_template", None)
-    key = fingerprint(model_dir_digest(Path(cfg.base_model)), prompts, max_new_tokens, template)
+    key = fingerprint(model_dir_digest(Path(cfg.base_model)), prompts, max_new_tokens, template,
+                      REFERENCE_DECODING.as_dict())  # with the protocol: older caches not reused
     return cache_dir / f"base-answers-{key}.jsonl"
 
 
@@ -73,7 +76,7 @@ def ensure_base_answers(cfg, tokenizer, prompts: list[str], max_new_tokens: int,
     generator = HFGenerator(batch_size=16, dtype="auto", base_model=cfg.base_model)
     answers: dict[str, tuple[int, ...]] = {}
     for batch in generator.generate_tokens(Path(cfg.base_model), requests,
-                                           SamplingSettings(greedy=True)):
+                                           REFERENCE_DECODING):
         answers.update(batch)
     scored = [ScoredAnswer(r.prompt_ids, answers[r.prompt_key]) for r in requests]
     cache_dir.mkdir(parents=True, exist_ok=True)

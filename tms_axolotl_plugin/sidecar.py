@@ -191,7 +191,10 @@ class VLLMSidecar:
             cmd += ["--uds", str(self.socket_dir / SOCKET_NAME)]
         else:
             cmd += ["--host", self.settings.host, "--port", str(self.port)]
-        cmd += ["--dtype", str(e.get("dtype") or "auto"), "--disable-uvicorn-access-log"]
+        cmd += ["--dtype", str(e.get("dtype") or "auto"), "--disable-uvicorn-access-log",
+                # vLLM's neutral sampling defaults, not the checkpoint's generation_config.json
+                # (requests state every parameter anyway; EOS ids are still read from it).
+                "--generation-config", "vllm"]
         for key, flag in (("tensor_parallel_size", "--tensor-parallel-size"),
                           ("data_parallel_size", "--data-parallel-size"),
                           ("gpu_memory_utilization", "--gpu-memory-utilization"),

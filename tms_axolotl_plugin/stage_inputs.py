@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tms_axolotl_plugin.fingerprint import content_digest, fingerprint
+from tms_axolotl_plugin.generation import SAMPLING_PROTOCOL
 
 STAGES = ("data", "harvest", "generation", "student")
 Stage = Literal["data", "harvest", "generation", "student"]
@@ -70,12 +71,14 @@ RULES: tuple[KeyRule, ...] = (
             "which checkpoints are harvested"),
     # -- generation -------------------------------------------------------------------------
     KeyRule(("tms.generation.backend", "tms.generation.temperature", "tms.generation.top_p",
+             "tms.generation.top_k", "tms.generation.min_p", "tms.generation.repetition_penalty",
+             "tms.generation.presence_penalty", "tms.generation.frequency_penalty",
              "tms.generation.max_new_tokens", "vllm.dtype"), ("generation",),
             "how answers are sampled"),
     KeyRule(("tms.sidecar.extra_args", "tms.sidecar.env"), ("generation",),
             "server flags and variables can change sampling (quantization, KV-cache dtype)"),
     # -- student ----------------------------------------------------------------------------
-    KeyRule(("tms.alpha", "tms.seed", "tms.schedule", "tms.student_init",
+    KeyRule(("tms.alpha", "tms.seed", "tms.schedule", "tms.student_init", "tms.turns",
              "tms.generation.all_checkpoints"), ("student",),
             "the mixture draws and where the student starts"),
     # -- none: change freely ----------------------------------------------------------------
@@ -174,7 +177,13 @@ def stage_fingerprints(raw: dict[str, Any], *, data_inputs: Any, world_size: int
     data = fingerprint(signature(raw, "data"), data_inputs)
     if harvest is None:
         harvest = fingerprint(signature(raw, "harvest"), world_size, data)
-    generation = fingerprint(signature(raw, "generation"), harvest, harvest_run_id, data)
+    # The protocol counts so that label stores of protocol 1 (unstated sampling fields filled
+    # from the checkpoint's generation_config) are never reused. Adding the tms.generation
+    # penalty/top_k/min_p keys changed every fingerprint too, but only because their defaults
+    # are not None (a None value is left out of `signature`): that would not survive a default
+    # of None, nor a later change of how requests are sampled that adds no key.
+    generation = fingerprint(signature(raw, "generation"), harvest, harvest_run_id, data,
+                             {"sampling_protocol": SAMPLING_PROTOCOL})
     student = fingerprint(signature(raw, "student"), world_size, generation, student_inputs)
     return {"data": data, "harvest": harvest, "generation": generation, "student": student}
 

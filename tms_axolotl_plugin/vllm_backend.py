@@ -59,6 +59,32 @@ class Switch:
     seconds: float
 
 
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty")
+
+
+def request_body(request: GenerationRequest, model: str, settings: SamplingSettings) -> dict:
+    """One /v1/completions request that states every sampling parameter: a field left out
+    would be filled from the server's defaults, i.e. the checkpoint's generation_config.json
+    unless the server runs with `--generation-config vllm`. No stop strings, bad words or
+    logit bias: the answer ends at the checkpoint's EOS ids (which vLLM reads from
+    generation_config.json either way) or at the token cap."""
+    params = settings.as_dict()
+    return {
+        "model": model,
+        "prompt": list(request.prompt_ids),
+        "max_tokens": request.max_new_tokens,
+        "seed": request.seed % SEED_MODULUS,
+        "n": 1,
+        **{field: params[field] for field in SAMPLING_FIELDS},
+        "stop": [],
+        "bad_words": [],
+        "min_tokens": 0,
+        "ignore_eos": False,
+        "skip_special_tokens": True,
+    }
+
+
 def _retryable(error: BaseException) -> bool:
     if isinstance(error, httpx.HTTPStatusError):
         return error.response.status_code >= 500 or error.response.status_code == 429
@@ -247,15 +273,7 @@ class VLLMGenerator:
 
     async def _complete(self, client, request: GenerationRequest, model: str,
                         settings: SamplingSettings) -> GeneratedLabel:
-        body = {
-            "model": model,
-            "prompt": list(request.prompt_ids),
-            "max_tokens": request.max_new_tokens,
-            "temperature": 0.0 if settings.greedy else settings.temperature,
-            "top_p": 1.0 if settings.greedy else settings.top_p,
-            "seed": request.seed % SEED_MODULUS,
-            "skip_special_tokens": True,
-        }
+        body = request_body(request, model, settings)
         attempts = AsyncRetrying(
             stop=stop_after_attempt(self.settings.max_retries + 1),
             wait=wait_exponential(multiplier=0.5, max=20),
