@@ -13,7 +13,7 @@ from tms_axolotl_plugin.draws import DrawPlan
 from tms_axolotl_plugin.label_store import GeneratedLabel
 from tms_axolotl_plugin.mixture import (
     DRAW_FIELD,
-    PROMPT_FILLS_SEQUENCE,
+    NO_ROOM,
     TARGET_FIELD,
     build_student_rows,
 )
@@ -216,7 +216,7 @@ def test_prompt_that_fills_the_sequence_keeps_its_row_and_needs_no_generated_ans
     labels = {k: v for k, v in store_for(examples, plan).items() if k[0] == key(examples[1])}
     (rows,), stats = build_student_rows(examples, plan, labels, [CHAT], sequence_len=4)
     assert [r[TARGET_FIELD] for r in rows] == [0, 0, 0, 0]  # neither prompt leaves room
-    assert stats.turns_kept == {PROMPT_FILLS_SEQUENCE: 4} and stats.unusable_examples == 0
+    assert stats.turns_kept == {NO_ROOM: 4} and stats.unusable_examples == 0
     (rows,), stats = build_student_rows(examples, plan, labels | store_for(examples, plan),
                                         [CHAT], sequence_len=5)
     assert [r[TARGET_FIELD] for r in rows] == [2, 1, 1, 0] and not stats.turns_kept

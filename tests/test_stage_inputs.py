@@ -29,6 +29,7 @@ TMS_CHANGES = {
     "tms.seed": 1,
     "tms.schedule": "iterative",
     "tms.student_init": "last_checkpoint",
+    "tms.turns": "last",
     "tms.generation.backend": "vllm",
     "tms.generation.temperature": 0.7,
     "tms.generation.top_p": 0.9,

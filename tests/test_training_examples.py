@@ -389,3 +389,16 @@ def test_single_field_answer_is_the_last_trained_span_after_a_prompt():
     assert (turn.prompt_ids, turn.answer_ids) == ((10, 11, 12), (13, 14, 15))
     assert last_span_turn([1, 2, 3], [MASK, MASK, MASK]) == []
     assert last_span_turn([1, 2, 3], [1, 2, 3]) == [], "trained from the first token: no prompt"
+
+
+def test_answer_caps_share_the_rows_free_room_so_the_rewritten_row_still_fits():
+    from tms_axolotl_plugin.training_examples import TrainingExample, Turn
+
+    first, second = Turn(2, (1,) * 10, (5,) * 6), Turn(4, (1,) * 20, (6,) * 4)
+    tool = Turn(6, (1,) * 28, (7,) * 3, KEPT_TOOL_CALL)
+    example = TrainingExample(0, {}, [first, second, tool], num_tokens=32)
+    assert example.answer_caps(40) == {first: 6 + 4, second: 4 + 4}, "8 free tokens, 2 turns"
+    assert example.answer_caps(32) == {first: 6, second: 4}, "no slack: at most as long"
+    assert example.answer_caps(26) == {first: 3, second: 1}, "an over-long row gets shorter"
+    assert example.answer_caps(22) == {first: 1}, "no room left for the second answer"
+    assert example.answerable_turns(22) == [first]

@@ -28,7 +28,7 @@ from tms_axolotl_plugin.training_examples import AnswerSlots, TrainingExample, w
 # Kept in the rows for audits (Axolotl drops unknown columns when it tokenizes):
 DRAW_FIELD = "tms_draw"  # what the draw chose: 0 = original label, t = checkpoint t
 TARGET_FIELD = "tms_target"  # t when at least one turn holds checkpoint t's answer, else 0
-PROMPT_FILLS_SEQUENCE = "prompt fills sequence_len"
+NO_ROOM = "no room in sequence_len"
 
 
 @dataclass
@@ -91,7 +91,7 @@ def build_student_rows(
                 if turn.kept:
                     stats.turns_kept[turn.kept] += 1
                 elif turn not in answerable:
-                    stats.turns_kept[PROMPT_FILLS_SEQUENCE] += 1
+                    stats.turns_kept[NO_ROOM] += 1
             answers: dict[int, str] = {}
             if draw == LABEL:
                 stats.turns_label_drawn += len(answerable)

@@ -370,23 +370,27 @@ class Pipeline:
                             self.tms.alpha, self.tms.seed, self.tms.schedule,
                             self.tms.generation.all_checkpoints)
         s = plan.savings()
-        self._note("draws", f"{self.epochs} epoch(s) x {len(self.train)} examples, original label "
-                 f"kept {plan.label_fraction():.1%}; {s['generations']} generations needed vs "
-                 f"{s['all_checkpoints_generations']} for all T ({s['saved']} saved, "
-                 f"{s['per_prompt']:.2f} per prompt)")
+        turns = self.requests(plan)
+        self._note("draws", f"{self.epochs} epoch(s) x {len(self.train)} rows, original label "
+                   f"kept for {plan.label_fraction():.1%} of (row, epoch) draws; "
+                   f"{s['generations']} (row, checkpoint) pairs needed vs "
+                   f"{s['all_checkpoints_generations']} for all T ({s['saved']} saved, "
+                   f"{s['per_prompt']:.2f} per row), {len(turns)} turn answers to generate")
         return plan
 
     def requests(self, plan: DrawPlan) -> list[GenerationRequest]:
         cap = self.tms.generation.max_new_tokens or self.cfg.sequence_len
-        seen, requests = set(), []
+        # One request per distinct (turn prompt, checkpoint): identical prompts share an
+        # answer, capped so that it fits every row it goes into.
+        caps: dict[tuple[str, int], int] = {}
+        first: dict[tuple[str, int], tuple[int, ...]] = {}
         for index, t in plan.needed_pairs():
-            for turn in self.train[index].answerable_turns(self.cfg.sequence_len):
-                if (turn.key, t) in seen:
-                    continue  # the same prompt (turn) elsewhere: one answer serves both
-                seen.add((turn.key, t))
-                room = self.cfg.sequence_len - len(turn.prompt_ids)
-                requests.append(GenerationRequest(turn.key, t, turn.prompt_ids,
-                                                  min(cap, room)))
+            for turn, room in self.train[index].answer_caps(self.cfg.sequence_len).items():
+                key = (turn.key, t)
+                first.setdefault(key, turn.prompt_ids)
+                caps[key] = min(caps.get(key, cap), room)
+        requests = [GenerationRequest(key, t, prompt_ids, caps[(key, t)])
+                    for (key, t), prompt_ids in first.items()]
         return requests
 
     def generation_fp(self) -> str:

@@ -42,15 +42,28 @@ class TrainingExample:
     dataset_index: int  # which entry of `datasets:`
     row: dict[str, Any]  # the raw row, as loaded
     turns: list[Turn] = field(default_factory=list)  # every trained turn, in order
+    num_tokens: int = 0  # the row's length as Axolotl tokenizes it
 
     @property
     def usable(self) -> bool:
         """Axolotl trains something in it after a prompt."""
         return bool(self.turns)
 
+    def answer_caps(self, sequence_len: int) -> dict[Turn, int]:
+        """The turns a checkpoint answers, each with the most tokens its answer may have so
+        that the row, every such turn replaced, still fits `sequence_len` (Axolotl would drop
+        a longer row): the row's free room is shared equally between them."""
+        open_turns = [t for t in self.turns if not t.kept]
+        if not open_turns:
+            return {}
+        share = (sequence_len - self.num_tokens) // len(open_turns)
+        caps = {t: len(t.answer_ids) + share for t in open_turns}
+        return {t: cap for t, cap in caps.items()
+                if cap >= 1 and len(t.prompt_ids) < sequence_len}
+
     def answerable_turns(self, sequence_len: int) -> list[Turn]:
-        """The turns a checkpoint answers: not kept, and a prompt that leaves room for tokens."""
-        return [t for t in self.turns if not t.kept and len(t.prompt_ids) < sequence_len]
+        """The turns a checkpoint answers: not kept, with room for an answer in the row."""
+        return list(self.answer_caps(sequence_len))
 
 
 def load_raw_rows(ds_cfg: Any, cfg: Any) -> list[dict[str, Any]]:
@@ -105,8 +118,10 @@ def load_training_examples(cfg: Any, tokenizer: Any, turns: str = "all") -> list
         for row in load_raw_rows(ds_cfg, cfg):
             example = TrainingExample(index, row)
             if keep is None or keep(row):
-                found = find_turns(strategy, row, tokenize_row(strategy, row))
+                tokens = tokenize_row(strategy, row)
+                found = find_turns(strategy, row, tokens)
                 example.turns = keep_only_last(found) if turns == "last" else found
+                example.num_tokens = len(tokens["input_ids"])
             examples.append(example)
     return examples
 
