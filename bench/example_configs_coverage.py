@@ -1,7 +1,8 @@
 """Which of Axolotl's own example configs TMS accepts: plain Axolotl vs Axolotl with the plugin.
 
     PYTHONPATH=. $(scripts/env.sh trainer)/bin/python bench/example_configs_coverage.py \
-        /tmp/axolotl-examples/examples [more dirs ...] --source "axolotl@<commit>"
+        /tmp/axolotl-examples/examples [more dirs ...] [--with-installed-examples] \
+        --source "axolotl@<commit>"
 
 For every YAML under the given directories that is an SFT training config (configs with `rl:`
 and files that are not training configs, e.g. cloud-launcher settings, are skipped and
@@ -266,6 +267,9 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="examples/ directories")
+    parser.add_argument("--with-installed-examples", action="store_true",
+                        help="also the example YAMLs inside the installed axolotl package "
+                        "(axolotl/integrations/*/examples)")
     parser.add_argument("--source", default="", help="where the examples come from")
     parser.add_argument("--model", type=Path, help="default: the project's tiny Llama")
     parser.add_argument("--out", default="example_configs_coverage")
@@ -275,9 +279,14 @@ def main() -> None:
         from tms_axolotl_plugin.offline_assets import tiny_llama_dir
 
         args.model = tiny_llama_dir()
-    result = survey([d.resolve() for d in args.dirs], args.model)
+    dirs = [d.resolve() for d in args.dirs]
+    if args.with_installed_examples:
+        import axolotl.integrations
+
+        dirs.append(Path(axolotl.integrations.__file__).parent)
+    result = survey(dirs, args.model)
     result = {
-        "source": args.source or ", ".join(str(d) for d in args.dirs),
+        "source": args.source or ", ".join(str(d) for d in dirs),
         "command": "python bench/example_configs_coverage.py " + " ".join(sys.argv[1:]),
         "capabilities": CAPABILITIES,
         "summary": summarise(result), **result,

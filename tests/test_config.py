@@ -97,13 +97,15 @@ PROTECTED = [
     (["--config", "serve.yaml"], "--config"), (["--grpc-port", "50051"], "--grpc-port"),
     # sampling defaults: the plugin launches with `--generation-config vllm` (neutral)
     (["--generation-config", "auto"], "--generation-config"),
-    (["--generation_config=auto"], "--generation-config"), (["--gen", "auto"], "--generation-config"),
+    (["--generation_config=auto"], "--generation-config"),
+    (["--gen", "auto"], "--generation-config"),
     (["--override-generation-config", '{"top_k": 20}'], "--override-generation-config"),
 ]
 BAD_VALUES += [({"sidecar": {"extra_args": ["--max-num-seqs", "8", *args]}},
                 ["tms.sidecar.extra_args", repr(args[0]), f"sets {flag}", "plugin controls"])
                for args, flag in PROTECTED]
-BAD_VALUES += [({"sidecar": {"extra_args": [flag, "auto"]}}, ["tms.sidecar.extra_args", "tms.generation.*"])
+BAD_VALUES += [({"sidecar": {"extra_args": [flag, "auto"]}},
+                ["tms.sidecar.extra_args", "tms.generation.*"])
                for flag in ("--generation-config", "--override-generation-config")]
 BAD_VALUES += [({"sidecar": {"env": {key: "1"}}}, ["tms.sidecar.env", key, "controlled by the plugin"])
                for key in ("VLLM_SERVER_DEV_MODE", "VLLM_API_KEY")]

@@ -182,7 +182,7 @@ def test_every_rejected_row_is_reached_by_its_own_names():
 
 @pytest.mark.parametrize("key,value", [("shards", 4), ("weight", 0.5)])
 def test_row_subsampling_is_rejected(key, value):
-    with pytest.raises(TMSConfigError, match=rf"datasets\[0\]\.{key}. is not supported .*"
+    with pytest.raises(TMSConfigError, match=rf"datasets\[0\]\.{key} is not supported .*"
                                              r"subsample the data file instead"):
         check_datasets([{"type": "alpaca", key: value}])
 
@@ -192,7 +192,7 @@ def test_no_subsampling_values_are_accepted():
 
 
 def test_user_defined_answer_field_must_not_be_a_prompt_field():
-    with pytest.raises(TMSConfigError, match=r"datasets\[0\]\.type\.field_output. is 'text', "
+    with pytest.raises(TMSConfigError, match=r"datasets\[0\]\.type\.field_output is 'text', "
                                              r"the same field as field_instruction"):
         check_datasets([{"type": {"field_instruction": "text", "field_output": "text"}}])
 

@@ -388,14 +388,14 @@ def check_datasets(datasets: Any) -> None:
                      if fields[k] == fields["field_output"]]
             if clash:
                 raise TMSConfigError(
-                    f"`{where}.type.field_output` is {fields['field_output']!r}, the same field "
+                    f"{where}.type.field_output is {fields['field_output']!r}, the same field "
                     f"as {clash[0]}: a new answer written there would change the prompt too. "
                     "Use a separate answer field."
                 )
         for key in ("shards", "weight"):
             if _get(ds_cfg, key) not in (None, 1, 1.0):
                 raise TMSConfigError(
-                    f"`{where}.{key}` is not supported with `tms:` (it is "
+                    f"{where}.{key} is not supported with `tms:` (it is "
                     f"{_get(ds_cfg, key)!r}); subsample the data file instead"
                 )
 
