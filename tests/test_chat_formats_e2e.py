@@ -10,7 +10,6 @@ store and Axolotl's own tokenization, in this process.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -217,7 +216,7 @@ def test_earlier_turns_are_answered_with_their_own_context(audit):
     """A 3-turn row draws three requests, each ending right after its own question."""
     tokenizer = audit["tokenizer"]
     index = KINDS.index("multi")
-    row, example, t = next(drawn(audit, index))
+    _, example, t = next(drawn(audit, index))
     assert len(example.turns) == 3
     for turn, question in zip(example.turns, (1, 3, 5), strict=True):
         text = tokenizer.decode(turn.prompt_ids)

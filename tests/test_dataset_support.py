@@ -276,7 +276,13 @@ def tms_cfg(tmp_path, tiny_model_dir, small_chat_dataset):
     ({"datasets": [{"path": "x.jsonl", "ds_type": "json", "type": "completion"}]},
      ["datasets[0].type is 'completion'", SUPPORTED_LIST]),
     ({"skip_prepare_dataset": True}, ["`skip_prepare_dataset: True`", "text SFT only"]),
-], ids=["processor_type", "completion", "skip_prepare_dataset"])
+    ({"train_on_inputs": True}, ["`train_on_inputs: true`", "set it to false"]),
+    ({"num_epochs": 1.5}, ["whole number of epochs", "num_epochs is 1.5"]),
+    ({"test_datasets": [{"path": "t.jsonl", "ds_type": "json", "type": "chat_template",
+                         "split": "train"}]},
+     ["`test_datasets` is not supported", "remove `test_datasets`"]),
+], ids=["processor_type", "completion", "skip_prepare_dataset", "train_on_inputs",
+        "fractional_epochs", "test_datasets"])
 def test_unsupported_config_is_rejected_when_axolotl_loads_it(tmp_path, tms_cfg, change,
                                                               expected):
     with pytest.raises(Exception) as excinfo:
@@ -294,3 +300,12 @@ def test_supported_types_load_through_axolotl_and_plain_axolotl_is_untouched(tmp
     plain = tms_cfg(processor_type="AutoProcessor")
     del plain["tms"]  # without `tms:` the plugin rejects nothing
     assert load(tmp_path, plain).processor_type == "AutoProcessor"
+
+
+def test_the_plugins_own_harvest_config_may_hold_its_held_out_split():
+    from tms_axolotl_plugin.dataset_support import check_training_settings
+
+    config = {"test_datasets": [{"path": "heldout.jsonl"}]}
+    check_training_settings(config, harvest_child=True)
+    with pytest.raises(TMSConfigError, match="test_datasets"):
+        check_training_settings(config)

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from conftest import base_config, write_config
-from tms_axolotl_plugin.errors import TMSConfigError
 from tms_axolotl_plugin.training_examples import (
     IGNORE_INDEX,
     answer_slots_for,
@@ -97,7 +96,7 @@ def retokenized(cfg, tokenizer, row, index=0):
 
 
 def test_every_chat_row_becomes_one_usable_example_in_file_order(chat):
-    cfg, _, examples = chat
+    _, _, examples = chat
     assert len(examples) == 7
     assert all(e.usable and e.dataset_index == 0 for e in examples)
     # the raw row as loaded (the JSON loader gives it the other rows' columns as None)
@@ -278,7 +277,7 @@ def test_split_thinking_rows_keep_the_tags_in_the_content(tmp_path, tiny_model_d
 
 
 def test_a_reasoning_field_the_template_ignores_is_cleared_on_rewrite(chat):
-    cfg, tokenizer, examples = chat
+    cfg, tokenizer, _ = chat
     (slots,) = answer_slots_for(cfg, tokenizer)  # ChatML: no reasoning in the template
     row = {"messages": [{"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Yo", "reasoning_content": "old"}]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -507,8 +508,10 @@ class TMSArgs(BaseModel):
             from tms_axolotl_plugin.dataset_support import check_config
             from tms_axolotl_plugin.errors import TMSConfigError
 
+            from tms_axolotl_plugin.harvest import STAGE_ENV
+
             try:
-                check_config(data)
+                check_config(data, harvest_child=os.environ.get(STAGE_ENV) == "harvest")
             except TMSConfigError as err:  # pydantic reports ValueError (and AssertionError) only
                 raise ValueError(str(err)) from None
         return data

@@ -426,10 +426,29 @@ def check_run_kind(config: Mapping[str, Any]) -> None:
                 )
 
 
-def check_config(config: Mapping[str, Any]) -> None:
-    """Everything about a config's run kind and datasets that TMS must support."""
+def check_training_settings(config: Mapping[str, Any], harvest_child: bool = False) -> None:
+    """Settings the method needs: a separable prompt, its own held-out split, whole epochs."""
+    if config.get("train_on_inputs"):
+        raise TMSConfigError(
+            "`train_on_inputs: true` trains the prompt too, so TMS cannot tell prompt from "
+            "answer; set it to false")
+    if config.get("test_datasets") and not harvest_child:  # the harvest gets the plugin's own
+        raise TMSConfigError(
+            "`test_datasets` is not supported with `tms:`: the plugin holds out its own split "
+            "(`val_set_size` or `tms.pld.heldout_size`) so that the harvest and student runs "
+            "are evaluated on the same examples; remove `test_datasets`")
+    epochs = config.get("num_epochs") or 1
+    if float(epochs) != int(float(epochs)):
+        raise TMSConfigError(f"TMS needs a whole number of epochs (the student's targets are "
+                             f"drawn per epoch); num_epochs is {epochs}")
+
+
+def check_config(config: Mapping[str, Any], harvest_child: bool = False) -> None:
+    """Everything about a config's run kind, datasets and training settings that TMS must
+    support. `harvest_child`: the config of the plugin's own harvest run."""
     check_run_kind(config)
     check_datasets(config.get("datasets"))
+    check_training_settings(config, harvest_child)
 
 
 def _escape(text: str) -> str:

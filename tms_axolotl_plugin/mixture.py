@@ -23,7 +23,11 @@ from typing import Any
 
 from tms_axolotl_plugin.draws import LABEL, DrawPlan
 from tms_axolotl_plugin.label_store import GeneratedLabel
-from tms_axolotl_plugin.training_examples import AnswerSlots, TrainingExample, with_answers
+from tms_axolotl_plugin.training_examples import (
+    AnswerSlots,
+    TrainingExample,
+    with_answers,
+)
 
 # Kept in the rows for audits (Axolotl drops unknown columns when it tokenizes):
 DRAW_FIELD = "tms_draw"  # what the draw chose: 0 = original label, t = checkpoint t

@@ -123,23 +123,11 @@ def raw_config(cfg: Any, given: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def check_trainable(cfg: Any) -> None:
-    from tms_axolotl_plugin.dataset_support import check_datasets
+    """Config load checks these already; the validated config is checked again here."""
+    from tms_axolotl_plugin.dataset_support import check_datasets, check_training_settings
 
     check_datasets(cfg.datasets)
-    if cfg.train_on_inputs:
-        raise TMSConfigError(
-            "`train_on_inputs: true` trains the prompt too, so TMS cannot tell prompt from "
-            "answer; set it to false"
-        )
-    if cfg.test_datasets:
-        raise TMSConfigError(
-            "`test_datasets` is not supported with `tms:`: the plugin holds out its own split "
-            "(`val_set_size` or `tms.pld.heldout_size`) so that the harvest and student runs "
-            "are evaluated on the same examples"
-        )
-    epochs = cfg.num_epochs or 1
-    if float(epochs) != int(epochs):
-        raise TMSConfigError(f"TMS needs a whole number of epochs; num_epochs is {epochs}")
+    check_training_settings(cfg)
 
 
 def heldout_count(cfg: Any, tms: TMSConfig, num_examples: int) -> int:
@@ -159,7 +147,7 @@ def validated_entries(raw: dict[str, Any], entries: list[dict]) -> list[dict[str
     config = DictDefault(json.loads(json.dumps({**raw, "datasets": entries}, default=str)))
     try:
         validated = validate_config(config)
-    except Exception as error:  # pydantic's ValidationError, or a validator's ValueError
+    except (ValueError, TypeError) as error:  # pydantic's ValidationError is a ValueError
         raise TMSConfigError(f"the student's `datasets:` entries fail Axolotl's config "
                              f"validation: {error}") from None
     return [{k: v for k, v in dict(d).items() if v is not None} for d in validated.datasets]

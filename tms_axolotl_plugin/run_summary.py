@@ -84,7 +84,7 @@ def final_values(output_dir: Path) -> dict[str, dict[str, float]]:
     values: dict[str, dict[str, float]] = {}
     for stage, series in run.stages.items():
         for key, _ in METRICS:
-            steps, points = series.series(key)
+            _, points = series.series(key)
             if points:
                 values.setdefault(stage, {})[key] = points[-1]
     return values
@@ -111,11 +111,12 @@ def final_summary(output_dir: Path) -> str:
     mixture = record.get("mixture")
     if mixture:
         kept = ", ".join(f"{n} {why}" for why, n in mixture["turns_kept"].items()) or "none"
-        lines += ["", f"Trained turns over all epochs: {mixture['turns']}: "
-                  f"{mixture['turns_regenerated']} regenerated, {mixture['turns_label_drawn']} "
-                  f"label drawn, kept: {kept}. Fallbacks to the original label: "
-                  f"{mixture['fallback_truncated']} truncated, {mixture['fallback_empty']} empty "
-                  f"({mixture['fallback_rate']:.1%} of drawn turns)."]
+        lines += ["", (f"Trained turns over all epochs: {mixture['turns']}: "
+                       f"{mixture['turns_regenerated']} regenerated, "
+                       f"{mixture['turns_label_drawn']} label drawn, kept: {kept}. Fallbacks to "
+                       f"the original label: {mixture['fallback_truncated']} truncated, "
+                       f"{mixture['fallback_empty']} empty ({mixture['fallback_rate']:.1%} of "
+                       "drawn turns).")]
         warning = fallback_warning(mixture)
         if warning:
             lines += ["", f"**Warning:** {warning}."]
