@@ -401,3 +401,27 @@ def test_answer_caps_share_the_rows_free_room_so_the_rewritten_row_still_fits():
     assert example.answer_caps(26) == {first: 3, second: 1}, "an over-long row gets shorter"
     assert example.answer_caps(22) == {first: 1}, "no room left for the second answer"
     assert example.answerable_turns(22) == [first]
+
+
+@pytest.mark.parametrize("row,overrides,position", [
+    ({"system": "Be brief.", "messages": [{"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": "Yo"}]}, {}, 1),
+    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Yo"}]}, {"drop_system_message": True}, 2),
+    ({"messages": json.dumps([{"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Yo"}])}, {}, 1),
+], ids=["system_field", "drop_system_message", "json_string_messages"])
+def test_turn_positions_are_message_indices_whatever_the_system_handling(
+        tmp_path, tiny_model_dir, row, overrides, position):
+    data = write_jsonl(tmp_path / "sys.jsonl", [row])
+    cfg, tokenizer = load_axolotl(tmp_path, tiny_model_dir, data, **overrides)
+    (example,) = load_training_examples(cfg, tokenizer)
+    (turn,) = example.turns
+    assert turn.position == position
+    (slots,) = answer_slots_for(cfg, tokenizer)
+    rewritten = with_answers(slots, example.row, {position: "Hello"})
+    messages = rewritten["messages"]
+    messages = json.loads(messages) if isinstance(messages, str) else messages
+    assert messages[position]["content"] == "Hello"
+    (again,), trained = retokenized(cfg, tokenizer, rewritten)
+    assert again.prompt_ids == turn.prompt_ids and trained == "Hello<|im_end|>"
