@@ -3,7 +3,8 @@
 Generated once (greedy, so the reference is the base model's most likely behaviour; with the
 same explicit, neutral settings as regeneration, so no repetition penalty or n-gram ban of the
 checkpoint's generation_config applies) and cached under the run's `tms/retention/`, keyed by
-the base model, the prompts, the chat template, the answer length and the decoding settings. Training then scores these answers with `pld.mean_answer_nll`.
+the base model, the prompts, the chat template, the answer length and the decoding settings.
+Training then scores these answers with `pld.mean_answer_nll`.
 """
 
 from __future__ import annotations
