@@ -98,6 +98,9 @@ def tms_reason(message: str) -> tuple[str, str]:
         (r"^`(\w+): .*?` marks", lambda m: f"run kind `{m[1]}`"),
         (r"^plugin `([^`]+)` runs", lambda m: f"plugin `{m[1]}`"),
         (r"cannot be combined with `rl", lambda m: "rl"),
+        (r"`train_on_inputs: true`", lambda m: "`train_on_inputs: true`"),
+        (r"`test_datasets` is not supported", lambda m: "`test_datasets`"),
+        (r"whole number of epochs", lambda m: "fractional `num_epochs`"),
     ]
     for pattern, name in patterns:
         found = re.search(pattern, text)
@@ -113,20 +116,6 @@ def plain_reason(message: str) -> str:
     if "validation error" in first and len(lines) > 1:
         return (detail or f"{lines[1]}: {lines[2] if len(lines) > 2 else ''}")[:240]
     return first[:240]
-
-
-def runtime_issues(cfg: dict) -> list[str]:
-    """Settings TMS accepts at config load but stops on when the run starts
-    (`pipeline.check_trainable`)."""
-    issues = []
-    if cfg.get("train_on_inputs"):
-        issues.append("train_on_inputs: true")
-    if cfg.get("test_datasets"):
-        issues.append("test_datasets")
-    epochs = cfg.get("num_epochs") or 1
-    if float(epochs) != int(float(epochs)):
-        issues.append(f"num_epochs: {epochs}")
-    return issues
 
 
 def dataset_types(cfg: dict) -> list[str]:
@@ -180,10 +169,6 @@ def survey(dirs: list[Path], model: Path) -> dict:
                 entry["category"] = "plain Axolotl rejects"
             elif not tms_ok:
                 entry["category"], entry["message"] = tms_reason(tms_error)
-            else:
-                issues = runtime_issues(raw)
-                if issues:
-                    entry["stops_at_run_start"] = issues
             configs.append(entry)
             print(f"{'ok ' if tms_ok else 'no '}{name}: "
                   f"{entry.get('category', 'accepted')}", file=sys.stderr)
@@ -205,7 +190,6 @@ def summarise(result: dict) -> dict:
         "plugin_accepts": sum(c["plugin_accepts"] for c in configs),
         "plugin_accepts_of_plain_accepted": sum(c["plugin_accepts"] for c in plain),
         "plugin_rejects_by_reason": dict(by_reason.most_common()),
-        "accepted_but_stop_at_run_start": sum(bool(c.get("stops_at_run_start")) for c in plain),
         "plain_rejects_by_reason": dict(Counter(
             short_plain(c["plain_error"]) for c in configs if not c["plain_accepts"])),
     }
@@ -237,9 +221,7 @@ def markdown(result: dict) -> str:
         f"| plain Axolotl accepts | {s['plain_axolotl_accepts']} |",
         (f"| **plugin accepts** (of those plain Axolotl accepts) | "
          f"**{s['plugin_accepts_of_plain_accepted']}** / {s['plain_axolotl_accepts']} |"),
-        f"| plugin rejects (of those plain Axolotl accepts) | {rejected} |",
-        (f"| accepted, but stop at run start (`train_on_inputs`, `test_datasets`, fractional "
-         f"epochs) | {s['accepted_but_stop_at_run_start']} |"), "",
+        f"| plugin rejects (of those plain Axolotl accepts) | {rejected} |", "",
         "## Rejected by the plugin, by reason (configs plain Axolotl accepts)", "",
         "| reason | configs |", "|---|---|",
     ]
@@ -250,8 +232,7 @@ def markdown(result: dict) -> str:
               "| config | `type`s | plain Axolotl | plugin | reason |", "|---|---|---|---|---|"]
     for c in result["configs"]:
         if c["plugin_accepts"]:
-            reason = "stops at run start: " + ", ".join(c["stops_at_run_start"]) \
-                if c.get("stops_at_run_start") else ""
+            reason = ""
         elif not c["plain_accepts"]:
             reason = "plain: " + c["plain_error"].replace("|", "/")[:160]
         else:
