@@ -411,10 +411,13 @@ class Pipeline:
                 if backend is not None:
                     backend.close()
             markers[ranks.rank()].touch()
-            self._note("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
+            _summary("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
                      f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
                      f"{report.already_stored} already stored")
         ranks.wait_for(markers, self.paths.markers, "regenerate")
+        self.log.note("regenerate", f"done: all {len(requests)} answers stored "
+                      f"({store.directory.name}; {workers} generating rank(s), each one's "
+                      "count in the log)")
         return store
 
     def _backend(self):
