@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 import os
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,10 @@ def raw_config(cfg: Any, given: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def check_trainable(cfg: Any) -> None:
     """Config load checks these already; the validated config is checked again here."""
-    from tms_axolotl_plugin.dataset_support import check_datasets, check_training_settings
+    from tms_axolotl_plugin.dataset_support import (
+        check_datasets,
+        check_training_settings,
+    )
 
     check_datasets(cfg.datasets)
     check_training_settings(cfg)
@@ -358,12 +361,13 @@ class Pipeline:
                             self.tms.alpha, self.tms.seed, self.tms.schedule,
                             self.tms.generation.all_checkpoints)
         s = plan.savings()
-        turns = self.requests(plan)
+        self.turn_requests = self.requests(plan)  # what regenerate sends
         self._note("draws", f"{self.epochs} epoch(s) x {len(self.train)} rows, original label "
                    f"kept for {plan.label_fraction():.1%} of (row, epoch) draws; "
                    f"{s['generations']} (row, checkpoint) pairs needed vs "
                    f"{s['all_checkpoints_generations']} for all T ({s['saved']} saved, "
-                   f"{s['per_prompt']:.2f} per row), {len(turns)} turn answers to generate")
+                   f"{s['per_prompt']:.2f} per row), {len(self.turn_requests)} turn answers to "
+                   "generate")
         return plan
 
     def requests(self, plan: DrawPlan) -> list[GenerationRequest]:
@@ -384,8 +388,9 @@ class Pipeline:
     def generation_fp(self) -> str:
         return self.fingerprints()["generation"]
 
-    def regenerate(self, plan: DrawPlan, checkpoints: dict[int, Path]) -> LabelStore:
-        requests = self.requests(plan)
+    def regenerate(self, checkpoints: dict[int, Path]) -> LabelStore:
+        """Answer the turn requests of the draws (`draw` comes first)."""
+        requests = self.turn_requests
         self.log.extra["answers_per_checkpoint"] = dict(Counter(r.checkpoint for r in requests))
         store = LabelStore(self.paths.labels / self.generation_fp())
         work_fp = fingerprint(sorted((r.prompt_key, r.checkpoint) for r in requests))
@@ -539,7 +544,7 @@ def run_pipeline(cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
         checkpoints = pipeline.harvest()
     plan = pipeline.draw()
     with log.timed("regenerate"):
-        store = pipeline.regenerate(plan, checkpoints)
+        store = pipeline.regenerate(checkpoints)
     with log.timed("mixture"):
         student_fp = pipeline.student(plan, store, checkpoints)
 

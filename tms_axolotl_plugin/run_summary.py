@@ -48,24 +48,22 @@ class StageLog:
         self.stages: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
 
+    def _entry(self, stage: str) -> dict[str, Any]:
+        entry = next((e for e in self.stages if e["stage"] == stage), None)
+        if entry is None:
+            entry = {"stage": stage, "outcome": "", "seconds": None}
+            self.stages.append(entry)
+        return entry
+
     def note(self, stage: str, message: str) -> None:
         """The stage's latest message (the one-line outcome logged for it)."""
-        for entry in self.stages:
-            if entry["stage"] == stage:
-                entry["outcome"] = message
-                return
-        self.stages.append({"stage": stage, "outcome": message, "seconds": None})
+        self._entry(stage)["outcome"] = message
 
     @contextmanager
     def timed(self, stage: str):
         started = time.perf_counter()
         yield
-        seconds = round(time.perf_counter() - started, 1)
-        for entry in self.stages:
-            if entry["stage"] == stage:
-                entry["seconds"] = seconds
-                return
-        self.stages.append({"stage": stage, "outcome": "", "seconds": seconds})
+        self._entry(stage)["seconds"] = round(time.perf_counter() - started, 1)
 
     def save(self) -> None:
         write_text_atomic(self.path, json.dumps(
