@@ -168,7 +168,8 @@ def test_lora_adapters_in_one_server_match_transformers_greedy(tmp_path, sidecar
 
     backend = generator(tmp_path, sidecar_python, smollm2_model_dir)
     try:
-        served = [label for batch in backend.generate_many(jobs, greedy) for label in batch]
+        streams = [(path, iter(requests)) for path, requests in jobs]  # one window for both
+        served = [label for batch in backend.generate_many(streams, greedy) for label in batch]
         facts = server_facts(backend.sidecar.process.pid)
         socket_path = backend.endpoint.uds
         assert facts["dev_mode"] is None, "a LoRA server must not have dev mode"
@@ -284,7 +285,8 @@ def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
                             tiny_model_dir, concurrency=8, transport="tcp", host="::1")
         labels: dict = {}
         try:
-            for batch in backend.generate(tiny_model_dir, requests, settings):
+            sent = iter(requests) if kill else requests  # a one-shot stream, or a list
+            for batch in backend.generate(tiny_model_dir, sent, settings):
                 for label in batch:
                     assert label.prompt_key not in labels, "an item was answered twice"
                     labels[label.prompt_key] = label
@@ -303,6 +305,66 @@ def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
     assert set(killed) == set(calm) == {r.prompt_key for r in requests}
     same = sum(killed[k].text == calm[k].text for k in calm)
     assert same == len(calm), f"only {same}/{len(calm)} answers equal the undisturbed run"
+
+
+WINDOW = 4
+
+
+@pytest.fixture(scope="module")
+def small_window_server(tmp_path_factory, sidecar_python, tiny_model_dir):
+    """One launched server on the tiny model for the window tests, with a window of
+    `WINDOW`; started here (a warm-up answer), so the tests see it running."""
+    backend = generator(tmp_path_factory.mktemp("window"), sidecar_python, tiny_model_dir,
+                        concurrency=WINDOW)
+    try:
+        list(backend.generate(tiny_model_dir, [GenerationRequest("warm-up", 1, (1, 2), 1)],
+                              SamplingSettings()))
+        yield backend
+    finally:
+        backend.close()
+
+
+def uneven_requests(tokenizer, count: int) -> list[GenerationRequest]:
+    """Answers of 4 to 64 tokens, so completions come at uneven times."""
+    prompts = chat_prompts(tokenizer, [f"Say something about the number {i}." for i in range(count)])
+    return [GenerationRequest(f"w{i}", 1, ids, 4 + (i * 37) % 61) for i, ids in enumerate(prompts)]
+
+
+def test_client_keeps_the_window_full_while_requests_remain_and_never_overfills_it(
+        small_window_server, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    backend = small_window_server
+    requests = uneven_requests(AutoTokenizer.from_pretrained(tiny_model_dir), 40)
+    labels = [label for batch in backend.generate(tiny_model_dir, requests, SamplingSettings())
+              for label in batch]
+    stats = backend.in_flight
+    assert sorted(label.prompt_key for label in labels) == sorted(r.prompt_key for r in requests)
+    assert stats.max_count == WINDOW  # never more in flight
+    # Topped up after every completion while requests remained (36 replacements at least) ...
+    assert stats.refills >= len(requests) - WINDOW and stats.short_refills == 0, stats
+    # ... and a slot stays empty only between a completion and its replacement.
+    assert stats.mean_count >= 0.9 * WINDOW, stats
+
+
+def test_request_generator_is_pulled_as_the_window_frees_up_and_each_answered_once(
+        small_window_server, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    backend = small_window_server
+    requests = uneven_requests(AutoTokenizer.from_pretrained(tiny_model_dir), 40)
+    ahead = []  # requests taken but not yet answered, each time one more is taken
+
+    def one_shot():
+        for taken, request in enumerate(requests, start=1):
+            ahead.append(taken - backend.in_flight.answered)
+            yield request
+
+    answered = Counter(label.prompt_key for batch in backend.generate(
+        tiny_model_dir, one_shot(), SamplingSettings()) for label in batch)
+    assert len(ahead) == len(requests)
+    assert max(ahead) <= WINDOW, ahead  # never pulled more than the window ahead
+    assert answered == Counter(r.prompt_key for r in requests)  # each exactly once
 
 
 def test_unreachable_server_url_fails_before_any_training(tmp_path, tiny_model_dir,

@@ -245,9 +245,14 @@ class SidecarConfig(_Section):
         description="Retries (with exponential backoff) of a failed request before giving up.",
     )
     concurrency: int = Field(
-        default=64,
+        default=256,
         ge=1,
-        description="Requests kept in flight at once, so the engine batches them.",
+        description="Requests kept in flight at once; one is sent as each answer arrives, so "
+        "the engine's batch stays full. Set it to at least what the server runs at once: its "
+        "`--max-num-seqs` (vLLM's default: 256 on most GPUs, 1024 on H100/H200-class, 128 on "
+        "CPU) or what its KV cache holds, whichever is less (an 8B model with 2k-token "
+        "sequences on one 80 GB GPU: about 200), hence the default 256. Requests beyond that "
+        "wait in the server's queue, and the wait counts against `request_timeout_s`.",
     )
 
     @field_validator("url")

@@ -31,24 +31,28 @@ class DrawPlan:
     def num_epochs(self) -> int:
         return int(self.targets.shape[1])
 
+    def needed_pair_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(examples, checkpoints) of the pairs to generate, sorted by checkpoint then example."""
+        n, T = self.num_examples, self.num_checkpoints
+        if self.all_checkpoints:
+            return np.tile(np.arange(n, dtype=np.int64), T), np.repeat(
+                np.arange(1, T + 1, dtype=np.int64), n)
+        codes = np.unique(self.targets.astype(np.int64) * n
+                          + np.arange(n, dtype=np.int64)[:, None])
+        codes = codes[codes >= n]  # target 0: the label, nothing to generate
+        return codes % n, codes // n
+
     def needed_pairs(self) -> list[tuple[int, int]]:
         """(example, checkpoint) pairs to generate, sorted by checkpoint then example."""
-        if self.all_checkpoints:
-            return [
-                (i, t)
-                for t in range(1, self.num_checkpoints + 1)
-                for i in range(self.num_examples)
-            ]
-        rows, epochs = np.nonzero(self.targets)
-        drawn = {(int(i), int(self.targets[i, e])) for i, e in zip(rows, epochs, strict=True)}
-        return sorted(drawn, key=lambda pair: (pair[1], pair[0]))
+        examples, checkpoints = self.needed_pair_arrays()
+        return list(zip(examples.tolist(), checkpoints.tolist(), strict=True))
 
     def label_fraction(self) -> float:
         return float((self.targets == LABEL).mean()) if self.targets.size else 0.0
 
     def savings(self) -> dict[str, float]:
         """How many generations the lazy draws avoid versus generating all T per prompt."""
-        needed = len(self.needed_pairs())
+        needed = len(self.needed_pair_arrays()[0])
         full = self.num_examples * self.num_checkpoints
         return {
             "generations": needed,

@@ -23,26 +23,49 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, chunks: Iterable[str], mode: int | None = None) -> None:
-    """Write `chunks` to `path` through a temporary file, durably. `mode`: permissions the
-    file has from its creation on (e.g. 0o600), never wider for a moment."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o666 if mode is None else mode)
-    try:
+class AtomicFile:
+    """A text file written through a temporary file and renamed into place by `commit`; gone
+    without a trace if the writer fails first. `mode`: permissions the file has from its
+    creation on (e.g. 0o600), never wider for a moment."""
+
+    def __init__(self, path: Path, mode: int | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                     0o666 if mode is None else mode)
         if mode is not None:
             os.fchmod(fd, mode)  # the umask may have narrowed it; never widened
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        self.handle = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self.handle.write(text)
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        self.handle.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_atomic(path: Path, chunks: Iterable[str], mode: int | None = None) -> None:
+    """Write `chunks` to `path` through a temporary file, durably."""
+    with AtomicFile(path, mode) as out:
+        for chunk in chunks:
+            out.write(chunk)
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
 
 
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+
+
 def fingerprint(*parts: Any) -> str:
     """A short hex digest of JSON-serialisable parts (dict key order does not matter)."""
-    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:16]
+
+
+def fingerprint_of_items(item_texts: Iterable[str], *rest: Any) -> str:
+    """`fingerprint(items, *rest)` for a list too large to serialise at once: `item_texts` are
+    the items' `canonical_json`, hashed as they stream in."""
+    digest = hashlib.sha256(b"[[")
+    for index, text in enumerate(item_texts):
+        digest.update(text.encode() if index == 0 else b"," + text.encode())
+    digest.update(b"]")
+    for part in rest:
+        digest.update(b"," + canonical_json(part).encode())
+    digest.update(b"]")
+    return digest.hexdigest()[:16]
 
 
 def file_digest(path: Path) -> str:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import uuid
-from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,9 @@ from tms_axolotl_plugin.checkpoints import list_checkpoints, select_evenly_space
 from tms_axolotl_plugin.config import TMSConfig
 from tms_axolotl_plugin.draws import DrawPlan, draw_targets
 from tms_axolotl_plugin.errors import TMSConfigError, TMSError
-from tms_axolotl_plugin.files import write_text_atomic
-from tms_axolotl_plugin.fingerprint import fingerprint, model_dir_digest
-from tms_axolotl_plugin.generation import GenerationRequest, SamplingSettings
+from tms_axolotl_plugin.files import AtomicFile, write_text_atomic
+from tms_axolotl_plugin.fingerprint import fingerprint, fingerprint_of_items, model_dir_digest
+from tms_axolotl_plugin.generation import SamplingSettings
 from tms_axolotl_plugin.harvest import (
     HARVEST_DIRNAME,
     HARVEST_RUN_ID_FILE,
@@ -44,7 +45,7 @@ from tms_axolotl_plugin.harvest import (
 from tms_axolotl_plugin.label_store import LabelStore
 from tms_axolotl_plugin.logs import get_logger
 from tms_axolotl_plugin.metrics import METRICS_ENV
-from tms_axolotl_plugin.mixture import build_student_rows
+from tms_axolotl_plugin.mixture import MixtureStats, write_student_mixture
 from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import regenerate
 from tms_axolotl_plugin.run_summary import StageLog, fallback_warning
@@ -52,12 +53,21 @@ from tms_axolotl_plugin.stage_inputs import stage_fingerprints
 from tms_axolotl_plugin.student import FINGERPRINT_ENV, set_aside_foreign_checkpoints
 from tms_axolotl_plugin.training_examples import (
     SOURCE_KEYS,
-    TrainingExample,
-    answer_slots_for,
+    answer_slots,
     dataset_entry_for,
-    load_training_examples,
-    write_rows,
+    load_source,
+    tokenizing_strategy,
 )
+from tms_axolotl_plugin.training_examples.table import (
+    ROWS_PER_BATCH,
+    ExampleTable,
+    build_example_table,
+    iter_row_texts,
+    table_is_complete,
+    table_processes,
+    table_versions,
+)
+from tms_axolotl_plugin.turn_requests import TurnRequests
 
 LOG = get_logger(__name__)
 
@@ -156,34 +166,31 @@ def validated_entries(raw: dict[str, Any], entries: list[dict]) -> list[dict[str
     return [{k: v for k, v in dict(d).items() if v is not None} for d in validated.datasets]
 
 
-def split_heldout(examples: list[TrainingExample], count: int, seed: int):
-    order = np.random.default_rng(seed).permutation(len(examples))
-    heldout = set(order[:count].tolist())
-    train = [e for i, e in enumerate(examples) if i not in heldout]
-    held = [e for i, e in enumerate(examples) if i in heldout]
-    return train, held
+def split_heldout(num_rows: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out row indices, each in row order."""
+    order = np.random.default_rng(seed).permutation(num_rows)
+    heldout = np.zeros(num_rows, dtype=bool)
+    heldout[order[:count]] = True
+    return np.flatnonzero(~heldout), np.flatnonzero(heldout)
 
 
-def rows_by_dataset(examples: list[TrainingExample], num_datasets: int) -> list[list[dict]]:
-    grouped: list[list[dict]] = [[] for _ in range(num_datasets)]
-    for example in examples:
-        grouped[example.dataset_index].append(example.row)
-    return grouped
-
-
-def write_dataset_files(directory: Path, stem: str, grouped_rows: list[list[dict]],
-                        dataset_configs: list[Any]) -> list[dict[str, Any]]:
-    """One JSONL per `datasets:` entry; returns the `datasets:` entries that read them."""
+def write_table_rows(table: ExampleTable, rows: np.ndarray, directory: Path, stem: str,
+                     dataset_configs: list[Any]) -> list[dict[str, Any]]:
+    """The raw rows `rows` of the table, one JSONL per `datasets:` entry (rank 0 writes them
+    in one pass, if not there yet); returns the `datasets:` entries that read them."""
     directory.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for index, rows in enumerate(grouped_rows):
-        if not rows:
-            continue
-        path = directory / f"{stem}-{index}.jsonl"
-        if ranks.rank() == 0 and not path.exists():
-            write_rows(path, rows)
-        entries.append(dataset_entry_for(dataset_configs[index], path))
-    return entries
+    present = np.flatnonzero(np.bincount(table.dataset_index[rows],
+                                         minlength=len(dataset_configs)))
+    paths = {int(i): directory / f"{stem}-{i}.jsonl" for i in present}
+    if ranks.rank() == 0 and not all(p.exists() for p in paths.values()):
+        with ExitStack() as stack:
+            files = {i: stack.enter_context(AtomicFile(p)) for i, p in paths.items()}
+            for start in range(0, len(rows), ROWS_PER_BATCH):
+                batch = rows[start: start + ROWS_PER_BATCH]
+                texts = table.row_texts(int(batch[0]), int(batch[-1]) + 1)
+                for row in batch:
+                    files[int(table.dataset_index[row])].write(texts[int(row - batch[0])] + "\n")
+    return [dataset_entry_for(dataset_configs[i], paths[i]) for i in paths]
 
 
 def harvest_config(raw: dict[str, Any], train_entries: list[dict], heldout_entries: list[dict],
@@ -226,43 +233,70 @@ class Pipeline:
     # -- stage 0: data ---------------------------------------------------------------------
     def prepare_data(self, tokenizer) -> None:
         check_trainable(self.cfg)
-        examples = load_training_examples(self.cfg, tokenizer, self.tms.turns)
-        self.slots = answer_slots_for(self.cfg, tokenizer)
-        count = heldout_count(self.cfg, self.tms, len(examples))
-        seed = self.cfg.seed or 0
+        strategies = [tokenizing_strategy(d, tokenizer, self.cfg) for d in self.dataset_configs]
+        self.slots = [answer_slots(strategy, d)
+                      for strategy, d in zip(strategies, self.dataset_configs, strict=True)]
+        sources = [load_source(d, self.cfg) for d in self.dataset_configs]
+        num_rows = sum(len(source) for source in sources)
+        count = heldout_count(self.cfg, self.tms, num_rows)
         # The split is part of the data: a different held-out set is different training data.
         # Dataset entries count by content (the rows) and tokenization settings, not paths.
-        self.data_inputs = fingerprint(
-            [e.row for e in examples],
+        # Hashed as the rows stream by: never one string of the whole dataset.
+        self.data_inputs = fingerprint_of_items(
+            (text for source in sources for text in iter_row_texts(source)),
             [{k: v for k, v in dict(d).items() if k not in SOURCE_KEYS}
              for d in self.dataset_configs],
             getattr(tokenizer, "chat_template", None), count,
         )
         self.data_fp = self.fingerprints()["data"]
-        self.train, self.heldout = split_heldout(examples, count, seed)
-        n = len(self.dataset_configs)
+        self.table = self._example_table(sources, strategies)
+        self.train_rows, self.heldout_rows = split_heldout(num_rows, count, self.cfg.seed or 0)
         stem = f"{self.data_fp}"
-        self.train_entries = write_dataset_files(
-            self.paths.data, f"train-{stem}", rows_by_dataset(self.train, n),
-            self.raw_dataset_entries)
-        self.heldout_entries = write_dataset_files(
-            self.paths.data, f"heldout-{stem}", rows_by_dataset(self.heldout, n),
-            self.raw_dataset_entries)
+        self.train_entries = write_table_rows(self.table, self.train_rows, self.paths.data,
+                                              f"train-{stem}", self.raw_dataset_entries)
+        self.heldout_entries = write_table_rows(self.table, self.heldout_rows, self.paths.data,
+                                                f"heldout-{stem}", self.raw_dataset_entries)
         # The student trains on files of these entries: validated as Axolotl validates the
         # harvest's config, before the harvest starts (no hours lost on a config it refuses).
         validated = validated_entries(self.raw, self.train_entries + self.heldout_entries)
         self.student_heldout_entries = validated[len(self.train_entries):]
-        present = [i for i, rows in enumerate(rows_by_dataset(self.train, n)) if rows]
+        n = len(self.dataset_configs)
+        present = np.flatnonzero(np.bincount(self.table.dataset_index[self.train_rows],
+                                             minlength=n))
         self.student_entries: list[Any] = [None] * n  # by `datasets:` index, like the rows
         for index, entry in zip(present, validated[: len(self.train_entries)], strict=True):
-            self.student_entries[index] = entry
-        unusable = sum(not e.usable for e in self.train)
-        turns = [t for e in self.train for t in e.turns]
-        kept = Counter(t.kept for t in turns if t.kept)
+            self.student_entries[int(index)] = entry
+        t = self.table.turns
+        per_row = t.first[self.train_rows + 1] - t.first[self.train_rows]
+        is_train = np.zeros(len(self.table), dtype=bool)
+        is_train[self.train_rows] = True
+        codes = np.bincount(t.kept_code[is_train[t.row]], minlength=len(t.reasons))
+        kept = {why: int(n) for why, n in zip(t.reasons, codes, strict=True) if why and n}
         kept_text = "".join(f", {n} kept ({why})" for why, n in sorted(kept.items()))
-        self._note("data", f"{len(self.train)} training examples ({unusable} without a trained "
-                 f"answer) with {len(turns)} trained turns{kept_text}; {len(self.heldout)} "
-                 f"held out; fingerprint {self.data_fp}")
+        self._note("data", f"{len(self.train_rows)} training examples "
+                   f"({int(np.count_nonzero(per_row == 0))} without a trained answer) with "
+                   f"{int(per_row.sum())} trained turns{kept_text}; {len(self.heldout_rows)} "
+                   f"held out; fingerprint {self.data_fp}")
+
+    def _example_table(self, sources: list, strategies: list) -> ExampleTable:
+        """Rank 0 tokenizes once per data fingerprint; every rank memory-maps the result."""
+        directory = self.paths.data / f"examples-{fingerprint(self.data_fp, table_versions())}"
+
+        def work():
+            if table_is_complete(directory):
+                _summary("data", f"reusing the tokenized table {directory.name}")
+                return
+            started = time.perf_counter()
+            build_example_table(directory, sources, strategies, self.cfg)
+            self.log.extra["tokenized_seconds"] = round(time.perf_counter() - started, 1)
+            _summary("data", f"tokenized {sum(len(s) for s in sources)} rows into "
+                     f"{directory.name} in {time.perf_counter() - started:.1f}s "
+                     f"(dataset_num_proc {table_processes(self.cfg, max(map(len, sources)))})")
+
+        ranks.main_does_then_all_wait(self.paths.markers, "data", work)
+        if ranks.rank() != 0:
+            _summary("data", f"rank {ranks.rank()} reads the table tokenized by rank 0")
+        return ExampleTable.open(directory, self.tms.turns)
 
     # -- metric inputs (PLD held-out answers, retention reference answers) ------------------
     def prepare_metric_inputs(self, tokenizer) -> None:
@@ -274,15 +308,13 @@ class Pipeline:
         )
 
         self.metric_inputs: dict[str, str] = {}
-        if self.tms.pld.enabled and self.heldout:
+        if self.tms.pld.enabled and len(self.heldout_rows):
             # Every trained turn's static label ("turns": files of the one-turn-per-row
             # version hold last turns only and are not reused).
             path = (self.paths.data / f"heldout-{self.data_fp}-max{self.tms.pld.max_examples}"
                     "-turns.scored.jsonl")
-            scored = [ScoredAnswer(t.prompt_ids, t.answer_ids)
-                      for e in self.heldout for t in e.turns][: self.tms.pld.max_examples]
             if ranks.rank() == 0 and not path.exists():
-                save_scored_answers(path, scored)
+                save_scored_answers(path, self._heldout_answers(self.tms.pld.max_examples))
             self.metric_inputs["heldout"] = str(path)
         if self.tms.retention.enabled:
             r = self.tms.retention
@@ -299,6 +331,16 @@ class Pipeline:
         ranks.wait_for([Path(p) for p in self.metric_inputs.values()], self.paths.markers,
                        "retention")
         os.environ[METRICS_ENV] = json.dumps(self.metric_inputs)
+
+    def _heldout_answers(self, limit: int) -> list[ScoredAnswer]:
+        """The static labels of the held-out rows' trained turns, the first `limit` of them."""
+        scored: list[ScoredAnswer] = []
+        for row in self.heldout_rows:
+            if len(scored) >= limit:
+                break
+            scored += [ScoredAnswer(t.prompt_ids, t.answer_ids)
+                       for t in self.table.turn_objects(int(row))]
+        return scored[:limit]
 
     def fingerprints(self, student_inputs: Any = None) -> dict[str, str]:
         """The stage fingerprints as far as they are known (see `stage_inputs`)."""
@@ -357,33 +399,22 @@ class Pipeline:
 
     # -- stage 2: draws and regeneration ---------------------------------------------------
     def draw(self) -> DrawPlan:
-        plan = draw_targets(len(self.train), self.epochs, self.tms.num_checkpoints,
+        plan = draw_targets(len(self.train_rows), self.epochs, self.tms.num_checkpoints,
                             self.tms.alpha, self.tms.seed, self.tms.schedule,
                             self.tms.generation.all_checkpoints)
         s = plan.savings()
-        self.turn_requests = self.requests(plan)  # what regenerate sends
-        self._note("draws", f"{self.epochs} epoch(s) x {len(self.train)} rows, original label "
-                   f"kept for {plan.label_fraction():.1%} of (row, epoch) draws; "
+        # What regenerate sends: one request per distinct (turn prompt, checkpoint); identical
+        # prompts share an answer, capped so that it fits every row it goes into.
+        self.turn_requests = TurnRequests.build(
+            self.table, self.train_rows, plan, self.cfg.sequence_len,
+            self.tms.generation.max_new_tokens or self.cfg.sequence_len)
+        self._note("draws", f"{self.epochs} epoch(s) x {len(self.train_rows)} rows, original "
+                   f"label kept for {plan.label_fraction():.1%} of (row, epoch) draws; "
                    f"{s['generations']} (row, checkpoint) pairs needed vs "
                    f"{s['all_checkpoints_generations']} for all T ({s['saved']} saved, "
                    f"{s['per_prompt']:.2f} per row), {len(self.turn_requests)} turn answers to "
                    "generate")
         return plan
-
-    def requests(self, plan: DrawPlan) -> list[GenerationRequest]:
-        cap = self.tms.generation.max_new_tokens or self.cfg.sequence_len
-        # One request per distinct (turn prompt, checkpoint): identical prompts share an
-        # answer, capped so that it fits every row it goes into.
-        caps: dict[tuple[str, int], int] = {}
-        first: dict[tuple[str, int], tuple[int, ...]] = {}
-        for index, t in plan.needed_pairs():
-            for turn, room in self.train[index].answer_caps(self.cfg.sequence_len).items():
-                key = (turn.key, t)
-                first.setdefault(key, turn.prompt_ids)
-                caps[key] = min(caps.get(key, cap), room)
-        requests = [GenerationRequest(key, t, prompt_ids, caps[(key, t)])
-                    for (key, t), prompt_ids in first.items()]
-        return requests
 
     def generation_fp(self) -> str:
         return self.fingerprints()["generation"]
@@ -391,9 +422,9 @@ class Pipeline:
     def regenerate(self, checkpoints: dict[int, Path]) -> LabelStore:
         """Answer the turn requests of the draws (`draw` comes first)."""
         requests = self.turn_requests
-        self.log.extra["answers_per_checkpoint"] = dict(Counter(r.checkpoint for r in requests))
+        self.log.extra["answers_per_checkpoint"] = requests.per_checkpoint()
         store = LabelStore(self.paths.labels / self.generation_fp())
-        work_fp = fingerprint(sorted((r.prompt_key, r.checkpoint) for r in requests))
+        work_fp = requests.work_fingerprint()
         # The vLLM server batches everything itself: one client (rank 0) feeds it.
         workers = 1 if self.tms.generation.backend == "vllm" else ranks.world_size()
         markers = [store.directory / f"done-{work_fp}-{r}-of-{workers}" for r in range(workers)]
@@ -457,16 +488,26 @@ class Pipeline:
 
     # -- stage 3: student ------------------------------------------------------------------
     def student(self, plan: DrawPlan, store: LabelStore, checkpoints: dict[int, Path]) -> str:
-        labels = store.load()
-        rows, stats = build_student_rows(self.train, plan, labels, self.slots,
-                                         self.cfg.sequence_len)
         student_fp = self.fingerprints(student_inputs=plan.targets.tolist())["student"]
-        entries = write_dataset_files(self.paths.student, f"mixture-{student_fp}", rows,
-                                      self.student_entries)
-        ranks.wait_for([Path(e["path"]) for e in entries], self.paths.markers, "student")
-        if ranks.rank() == 0:
-            write_text_atomic(self.paths.student / f"mixture-{student_fp}.stats.json",
-                              json.dumps(stats.as_dict(), indent=2))
+        n = len(self.dataset_configs)
+        present = np.flatnonzero(np.bincount(self.table.dataset_index[self.train_rows],
+                                             minlength=n))
+        paths = {int(i): self.paths.student / f"mixture-{student_fp}-{i}.jsonl"
+                 for i in present}
+        stats_path = self.paths.student / f"mixture-{student_fp}.stats.json"
+        # One process writes the mixture, the stats last: the others wait for them.
+        if ranks.rank() == 0 and not stats_path.exists():
+            self.paths.student.mkdir(parents=True, exist_ok=True)
+            try:
+                stats = write_student_mixture(self.table, self.train_rows, plan, store,
+                                              self.slots, self.cfg.sequence_len, paths)
+                write_text_atomic(stats_path, json.dumps(stats.as_dict(), indent=2))
+            except BaseException as error:
+                ranks.record_failure(self.paths.markers, "student", error)
+                raise
+        ranks.wait_for([stats_path], self.paths.markers, "student")
+        stats = MixtureStats.from_dict(json.loads(stats_path.read_text()))
+        entries = [dataset_entry_for(self.student_entries[i], paths[i]) for i in paths]
         self.mixture_stats = stats
         kept = ", ".join(f"{n} {why}" for why, n in sorted(stats.turns_kept.items())) or "none"
         self._note("mixture", f"{stats.rows} rows ({stats.original_labels} on original labels "

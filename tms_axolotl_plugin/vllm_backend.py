@@ -7,19 +7,26 @@
   the prefix cache is reset); a launched TCP server never gets dev mode and is restarted on the
   next checkpoint instead. Which one was used and what each switch cost is logged and kept in
   `switches`.
-- Many requests in flight (`tms.sidecar.concurrency`), token-id prompts (exactly what the
-  trainer sees), a seed per request, retries with exponential backoff; if a launched server
-  dies, it is restarted and the unanswered requests are sent again.
+- A window of `tms.sidecar.concurrency` requests in flight, topped up as each one completes
+  (nothing waits for the slowest of a group), so the engine's batch stays full; the caller's
+  requests are pulled only as the window frees up, and answers are handed back in batches as
+  they arrive. Token-id prompts (exactly what the trainer sees), a seed per request, retries
+  with exponential backoff; if a launched server dies, it is restarted and the requests that
+  were in flight are sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -41,6 +48,9 @@ from tms_axolotl_plugin.sidecar import Endpoint, VLLMSidecar, wait_for_health
 LOG = get_logger(__name__)
 MAX_RESTARTS = 3
 SEED_MODULUS = 2**31 - 1
+FLUSH_ANSWERS = 256  # answers handed to the caller at once (plus any that complete with them)
+FLUSH_SECONDS = 1.0  # ... or fewer, once the oldest of them has waited this long
+PENDING_BATCHES = 4  # batches the caller may fall behind before the window stops refilling
 
 
 API_KEY_ENV = "TMS_SIDECAR_API_KEY"
@@ -57,6 +67,104 @@ class Switch:
     checkpoint: int
     mechanism: str  # "adapter-load", "in-place-reload", "restart", "initial-start"
     seconds: float
+
+
+@dataclass
+class InFlightStats:
+    """How full the client kept its window of `window` requests during one `generate_many`
+    call. A request is in flight from when it is taken until its answer (or failure) is in;
+    the mean is over the time while requests remained to be sent, so it shows what the gap
+    between a completion and its replacement costs."""
+
+    window: int
+    answered: int = 0
+    resent: int = 0  # in flight when a launched server died, sent again
+    count: int = 0  # in flight now
+    max_count: int = 0
+    refills: int = 0  # window top-ups while requests remained ...
+    short_refills: int = 0  # ... that left fewer than `window` in flight
+    busy_seconds: float = 0.0  # time while requests remained
+    count_seconds: float = 0.0  # the in-flight count integrated over that time
+    _remaining: bool = field(default=False, repr=False)
+    _since: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def mean_count(self) -> float:
+        return self.count_seconds / self.busy_seconds if self.busy_seconds else 0.0
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        if self._remaining:
+            self.busy_seconds += now - self._since
+            self.count_seconds += self.count * (now - self._since)
+        self._since = now
+
+    def started(self) -> None:
+        self._advance()
+        self.count += 1
+        self.max_count = max(self.max_count, self.count)
+
+    def finished(self, _task=None) -> None:
+        self._advance()
+        self.count -= 1
+
+    def refilled(self, remaining: bool) -> None:
+        self._advance()
+        self._remaining = remaining
+        if remaining:
+            self.refills += 1
+            self.short_refills += self.count < self.window
+
+
+@dataclass
+class _Job:
+    """One checkpoint's requests, the first already looked at (it names the checkpoint)."""
+
+    path: Path
+    checkpoint: int
+    requests: Iterator[GenerationRequest]
+
+    @classmethod
+    def peek(cls, job: tuple[Path, Iterable[GenerationRequest]]) -> _Job | None:
+        path, requests = job
+        requests = iter(requests)
+        first = next(requests, None)
+        if first is None:
+            return None
+        return cls(Path(path), first.checkpoint, itertools.chain([first], requests))
+
+
+class _Handoff:
+    """Batches of answers from the client's event loop (its own thread) to the caller's. The
+    loop waits once the caller is `PENDING_BATCHES` behind, so answers cannot pile up: the
+    window stops refilling until the caller catches up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.room = asyncio.Semaphore(PENDING_BATCHES)  # bound to `loop` on first use
+
+    async def put(self, batch: list[GeneratedLabel]) -> None:
+        await self.room.acquire()
+        self.queue.put(batch)
+
+    def put_now(self, batch: list[GeneratedLabel]) -> None:
+        """The last batch before an error: no waiting."""
+        if batch:
+            self.queue.put(batch)
+
+    def finish(self, error: BaseException | None) -> None:
+        self.queue.put(("end", error))
+
+    def get(self) -> list[GeneratedLabel] | None:
+        """The next batch (blocking); None at the end; the client's error, raised."""
+        item = self.queue.get()
+        if not isinstance(item, list):
+            if item[1] is not None:
+                raise item[1]
+            return None
+        self.loop.call_soon_threadsafe(self.room.release)
+        return item
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -104,6 +212,7 @@ class VLLMGenerator:
         self.endpoint = user_server_endpoint(self.settings)  # a launched server replaces it
         self.switches: list[Switch] = []
         self.serving: Path | None = None  # the full-weight checkpoint the server has loaded
+        self.in_flight = InFlightStats(tms.sidecar.concurrency)  # of the last generate_many
 
     @classmethod
     def from_config(cls, cfg, tms: TMSConfig, log_dir: Path | None = None) -> VLLMGenerator:
@@ -154,10 +263,8 @@ class VLLMGenerator:
         if self.serving == path and (self.sidecar is None or self.sidecar.alive()):
             return self._served_model()
         started = time.perf_counter()
-        if self.sidecar is None and self.settings.url is None:
-            self._launch(str(path))
-            mechanism = "initial-start"
-        elif first and self.sidecar is not None and not self.sidecar.alive():
+        if (self.sidecar is None and self.settings.url is None) or (
+                first and self.sidecar is not None and not self.sidecar.alive()):
             self._launch(str(path))
             mechanism = "initial-start"
         else:
@@ -195,81 +302,176 @@ class VLLMGenerator:
     def generate(self, checkpoint_path, requests, settings):
         yield from self.generate_many([(Path(checkpoint_path), requests)], settings)
 
-    def generate_many(self, jobs: list[tuple[Path, list[GenerationRequest]]],
+    def generate_many(self, jobs: list[tuple[Path, Iterable[GenerationRequest]]],
                       settings: SamplingSettings) -> Iterator[list[GeneratedLabel]]:
-        jobs = [(Path(path), reqs) for path, reqs in jobs if reqs]
+        """Answer (checkpoint, requests) jobs. Each job's requests (any iterable, e.g. a
+        one-shot generator) are pulled only as the window frees up, on the client's own thread;
+        answers come back in batches as they arrive, in no particular order."""
+        self.in_flight = InFlightStats(self.settings.concurrency)
+        jobs = [job for job in map(_Job.peek, jobs) if job is not None]
         if not jobs:
             return
         if self.settings.url:
             wait_for_health(self.endpoint, 30)
-        adapters = [(path / "adapter_config.json").exists() for path, _ in jobs]
+        adapters = [(job.path / "adapter_config.json").exists() for job in jobs]
         if all(adapters):
             yield from self._generate_lora(jobs, settings)
         elif not any(adapters):
-            for index, (path, requests) in enumerate(jobs):
-                model = self._serve_full_weights(requests[0].checkpoint, path, index == 0)
-                yield from self._generate_requests({r: model for r in requests}, settings,
-                                                   lambda: self._serve_full_weights(
-                                                       requests[0].checkpoint, path, True))
+            for index, job in enumerate(jobs):
+                yield from self._generate_full_weights(job, index == 0, settings)
         else:
             raise TMSError("the harvested checkpoints mix LoRA adapters and full weights")
+        stats = self.in_flight
+        LOG.info("tms sidecar: %d answers; %.1f of %d requests in flight on average while "
+                 "requests remained (at most %d)", stats.answered, stats.mean_count,
+                 stats.window, stats.max_count)
 
-    def _generate_lora(self, jobs, settings):
-        rank = max(json.loads((path / "adapter_config.json").read_text()).get("r", 8)
-                   for path, _ in jobs)
+    def _generate_full_weights(self, job: _Job, first: bool, settings):
+        model = self._serve_full_weights(job.checkpoint, job.path, first)
+
+        def route(request: GenerationRequest) -> str:
+            if request.checkpoint != job.checkpoint:
+                raise TMSError(f"a request for checkpoint {request.checkpoint} came in the "
+                               f"requests of checkpoint {job.checkpoint} ({job.path})")
+            return model
+
+        def recover():
+            self._serve_full_weights(job.checkpoint, job.path, True)
+
+        yield from self._answer(job.requests, route, settings, recover)
+
+    def _generate_lora(self, jobs: list[_Job], settings):
+        rank = max(json.loads((job.path / "adapter_config.json").read_text()).get("r", 8)
+                   for job in jobs)
         if self.settings.url is None:
             self._launch(self.base_model, lora_rank=rank, max_loras=len(jobs))
-        checkpoints = [(reqs[0].checkpoint, path) for path, reqs in jobs]
+        checkpoints = [(job.checkpoint, job.path) for job in jobs]
         names = self._load_adapters(checkpoints)
         LOG.info("tms sidecar: %d LoRA adapters loaded into one server (%.2fs in all)",
                  len(names), sum(s.seconds for s in self.switches if s.mechanism == "adapter-load"))
-        routed = {r: names[r.checkpoint] for _, reqs in jobs for r in reqs}
+
+        def route(request: GenerationRequest) -> str:
+            if request.checkpoint not in names:
+                raise TMSError(f"a request for checkpoint {request.checkpoint} came in the "
+                               f"requests of checkpoints {sorted(names)}")
+            return names[request.checkpoint]
 
         def recover():
             self._launch(self.base_model, lora_rank=rank, max_loras=len(jobs))
             names.update(self._load_adapters(checkpoints))
 
-        yield from self._generate_requests(routed, settings, recover)
+        # One window for every adapter: each request names its own.
+        requests = itertools.chain.from_iterable(job.requests for job in jobs)
+        yield from self._answer(requests, route, settings, recover)
 
-    def _generate_requests(self, routed: dict[GenerationRequest, str], settings,
-                           recover) -> Iterator[list[GeneratedLabel]]:
-        """Send requests in chunks with many in flight; restart a dead launched server."""
-        pending = sorted(routed, key=lambda r: (r.checkpoint, r.prompt_key))
-        chunk_size = max(4 * self.settings.concurrency, 64)
-        restarts = 0
-        while pending:
-            chunk, pending = pending[:chunk_size], pending[chunk_size:]
-            done, failed = asyncio.run(self._run_chunk(chunk, routed, settings))
-            if done:
-                yield done
-            if failed:
-                dead = self.sidecar is not None and not self.sidecar.alive()
-                if not dead or restarts >= MAX_RESTARTS:
-                    raise TMSError(f"{len(failed)} generation requests failed at "
-                                   f"{self.endpoint}: {failed[0][1]}")
-                restarts += 1
-                LOG.warning("tms sidecar: the vLLM server died; restarting (%d/%d) and sending "
-                            "%d unanswered requests again", restarts, MAX_RESTARTS, len(failed))
-                recover()
-                pending = [r for r, _ in failed] + pending
+    def _answer(self, requests: Iterator[GenerationRequest], route, settings,
+                recover) -> Iterator[list[GeneratedLabel]]:
+        """Run the client (`_pump`) on an event loop in a thread of its own, so the window
+        stays full while the caller stores answers; hand its batches to the caller. Its errors
+        are raised here; closing this generator early stops it."""
+        loop = asyncio.new_event_loop()
+        handoff = _Handoff(loop)
+        task = loop.create_task(self._pump(requests, route, settings, recover, handoff))
 
-    async def _run_chunk(self, chunk, routed, settings):
-        semaphore = asyncio.Semaphore(self.settings.concurrency)
-        limits = httpx.Limits(max_connections=self.settings.concurrency)
+        def run():
+            try:
+                loop.run_until_complete(task)
+            except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+                handoff.finish(error)
+            else:
+                handoff.finish(None)
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+
+        thread = threading.Thread(target=run, name="tms-vllm-client", daemon=True)
+        thread.start()
+        try:
+            while (batch := handoff.get()) is not None:
+                yield batch
+        finally:
+            loop.call_soon_threadsafe(task.cancel)
+            thread.join()
+            loop.close()
+
+    async def _pump(self, requests: Iterator[GenerationRequest],
+                    route: Callable[[GenerationRequest], str], settings: SamplingSettings,
+                    recover: Callable[[], None], handoff: _Handoff) -> None:
+        """Keep `concurrency` requests in flight, topping the window up as each completes.
+        A failed request stops the refills; once the rest are in, a dead launched server is
+        restarted and the failed ones are sent again, anything else is an error."""
+        window, stats = self.settings.concurrency, self.in_flight
+        in_flight: dict[asyncio.Task, GenerationRequest] = {}
+        resend: deque[GenerationRequest] = deque()  # in flight when the server died
+        answers: list[GeneratedLabel] = []
+        oldest = 0.0  # when the oldest of `answers` arrived
+        failures: list[tuple[GenerationRequest, BaseException]] = []
+        exhausted, restarts = False, 0
+        client = self._async_client()
+        try:
+            while True:
+                while not failures and len(in_flight) < window and (resend or not exhausted):
+                    request = resend.popleft() if resend else next(requests, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    task = asyncio.create_task(
+                        self._complete(client, request, route(request), settings))
+                    stats.started()
+                    task.add_done_callback(stats.finished)
+                    in_flight[task] = request
+                stats.refilled(remaining=bool(resend) or not exhausted)
+                if not in_flight:
+                    if answers:
+                        await handoff.put(answers)
+                        answers = []
+                    if not failures:
+                        return
+                    dead = self.sidecar is not None and not self.sidecar.alive()
+                    if not dead or restarts >= MAX_RESTARTS:
+                        raise TMSError(f"{len(failures)} generation requests failed at "
+                                       f"{self.endpoint}: {failures[0][1]}")
+                    restarts += 1
+                    LOG.warning("tms sidecar: the vLLM server died; restarting (%d/%d) and "
+                                "sending the %d requests that were in flight again", restarts,
+                                MAX_RESTARTS, len(failures))
+                    await client.aclose()
+                    recover()
+                    client = self._async_client()
+                    resend.extend(request for request, _ in failures)
+                    stats.resent += len(failures)
+                    failures = []
+                    continue
+                timeout = max(0.0, oldest + FLUSH_SECONDS - time.monotonic()) if answers else None
+                done, _ = await asyncio.wait(in_flight, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    request = in_flight.pop(task)
+                    if task.exception() is not None:
+                        failures.append((request, task.exception()))
+                        continue
+                    if not answers:
+                        oldest = time.monotonic()
+                    answers.append(task.result())
+                    stats.answered += 1
+                if answers and (len(answers) >= FLUSH_ANSWERS
+                                or time.monotonic() - oldest >= FLUSH_SECONDS):
+                    await handoff.put(answers)
+                    answers = []
+        except Exception:
+            handoff.put_now(answers)  # what was answered is kept, whatever failed after it
+            raise
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            await client.aclose()
+
+    def _async_client(self) -> httpx.AsyncClient:
+        """A connection per request of the window, kept alive between requests."""
+        window = self.settings.concurrency
+        limits = httpx.Limits(max_connections=window, max_keepalive_connections=window)
         timeout = httpx.Timeout(self.settings.request_timeout_s, connect=10)
-        async with self.endpoint.async_client(timeout=timeout, limits=limits) as client:
-            async def one(request: GenerationRequest):
-                async with semaphore:
-                    try:
-                        return await self._complete(client, request, routed[request], settings)
-                    except Exception as error:  # reported per request, handled by the caller
-                        return error
-
-            results = await asyncio.gather(*(one(r) for r in chunk))
-        done = [r for r in results if isinstance(r, GeneratedLabel)]
-        failed = [(req, res) for req, res in zip(chunk, results, strict=True)
-                  if not isinstance(res, GeneratedLabel)]
-        return done, failed
+        return self.endpoint.async_client(timeout=timeout, limits=limits)
 
     async def _complete(self, client, request: GenerationRequest, model: str,
                         settings: SamplingSettings) -> GeneratedLabel:

@@ -29,7 +29,8 @@ from tms_axolotl_plugin.training_examples.write_back import (
 )
 
 __all__ = ["IGNORE_INDEX", "SOURCE_KEYS", "AnswerSlots", "TrainingExample", "Turn",
-           "answer_slots", "answer_slots_for", "dataset_entry_for", "load_training_examples",
+           "answer_slots", "answer_slots_for", "dataset_entry_for", "load_source",
+           "load_training_examples",
            "tokenize_row", "tokenizing_strategy", "with_answers", "write_rows"]
 
 # Keys of a dataset entry that say where the data comes from; the rest say how to tokenize it.
@@ -66,8 +67,9 @@ class TrainingExample:
         return list(self.answer_caps(sequence_len))
 
 
-def load_raw_rows(ds_cfg: Any, cfg: Any) -> list[dict[str, Any]]:
-    """The rows of one `datasets:` entry, loaded by Axolotl's own loader (local, hub, cloud)."""
+def load_source(ds_cfg: Any, cfg: Any):
+    """One `datasets:` entry's rows as a (memory-mapped) `datasets.Dataset`, loaded by
+    Axolotl's own loader (local, hub, cloud)."""
     from axolotl.utils.data.shared import load_dataset_with_config
     from datasets import DatasetDict, IterableDatasetDict
 
@@ -77,7 +79,11 @@ def load_raw_rows(ds_cfg: Any, cfg: Any) -> list[dict[str, Any]]:
         if split not in dataset:
             raise TMSConfigError(f"dataset {ds_cfg.get('path')!r} has no split {split!r}")
         dataset = dataset[split]
-    return [dict(row) for row in dataset]
+    return dataset
+
+
+def load_raw_rows(ds_cfg: Any, cfg: Any) -> list[dict[str, Any]]:
+    return [dict(row) for row in load_source(ds_cfg, cfg)]
 
 
 def tokenizing_strategy(ds_cfg: Any, tokenizer: Any, cfg: Any):
@@ -110,7 +116,8 @@ def tokenize_row(strategy: Any, row: dict[str, Any]) -> dict[str, list[int]]:
 
 def load_training_examples(cfg: Any, tokenizer: Any, turns: str = "all") -> list[TrainingExample]:
     """Every row of every `datasets:` entry, with its trained turns (`turns: last`: only the
-    last one is regenerated, the others keep their label)."""
+    last one is regenerated, the others keep their label), in memory: for small data and
+    tests (the pipeline tokenizes into an on-disk `ExampleTable`)."""
     examples: list[TrainingExample] = []
     for index, ds_cfg in enumerate(cfg.datasets):
         strategy = tokenizing_strategy(ds_cfg, tokenizer, cfg)
