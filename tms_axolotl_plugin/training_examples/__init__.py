@@ -18,6 +18,7 @@ from tms_axolotl_plugin.errors import TMSConfigError
 from tms_axolotl_plugin.files import write_jsonl_atomic
 from tms_axolotl_plugin.training_examples.turns import (
     IGNORE_INDEX,
+    FindTurnRecorder,
     Turn,
     find_turns,
     keep_only_last,
@@ -31,7 +32,7 @@ from tms_axolotl_plugin.training_examples.write_back import (
 __all__ = ["IGNORE_INDEX", "SOURCE_KEYS", "AnswerSlots", "TrainingExample", "Turn",
            "answer_slots", "answer_slots_for", "dataset_entry_for", "load_source",
            "load_training_examples",
-           "tokenize_row", "tokenizing_strategy", "with_answers", "write_rows"]
+           "tokenize_row", "tokenize_with_turns", "tokenizing_strategy", "with_answers", "write_rows"]
 
 # Keys of a dataset entry that say where the data comes from; the rest say how to tokenize it.
 SOURCE_KEYS = ("path", "name", "data_files", "revision", "split", "ds_type", "shards",
@@ -114,6 +115,14 @@ def tokenize_row(strategy: Any, row: dict[str, Any]) -> dict[str, list[int]]:
     return strategy.tokenize_prompt(row)
 
 
+def tokenize_with_turns(strategy: Any, row: dict[str, Any]) -> tuple[list[int], list[Turn]]:
+    """The row's token ids as Axolotl tokenizes it, and its trained turns (the boundaries the
+    strategy found while tokenizing are reused)."""
+    with FindTurnRecorder(strategy) as recorder:
+        tokens = tokenize_row(strategy, row)
+    return list(tokens["input_ids"]), find_turns(strategy, row, tokens, recorder.found)
+
+
 def load_training_examples(cfg: Any, tokenizer: Any, turns: str = "all") -> list[TrainingExample]:
     """Every row of every `datasets:` entry, with its trained turns (`turns: last`: only the
     last one is regenerated, the others keep their label), in memory: for small data and
@@ -125,10 +134,9 @@ def load_training_examples(cfg: Any, tokenizer: Any, turns: str = "all") -> list
         for row in load_raw_rows(ds_cfg, cfg):
             example = TrainingExample(index, row)
             if keep is None or keep(row):
-                tokens = tokenize_row(strategy, row)
-                found = find_turns(strategy, row, tokens)
+                input_ids, found = tokenize_with_turns(strategy, row)
                 example.turns = keep_only_last(found) if turns == "last" else found
-                example.num_tokens = len(tokens["input_ids"])
+                example.num_tokens = len(input_ids)
             examples.append(example)
     return examples
 

@@ -38,7 +38,7 @@ import numpy as np
 from tms_axolotl_plugin.files import write_text_atomic
 from tms_axolotl_plugin.fingerprint import canonical_json
 from tms_axolotl_plugin.logs import get_logger
-from tms_axolotl_plugin.training_examples.turns import KEPT_NOT_LAST, Turn, find_turns
+from tms_axolotl_plugin.training_examples.turns import KEPT_NOT_LAST, Turn
 
 LOG = get_logger(__name__)
 
@@ -84,7 +84,7 @@ class RowTokenizer:
         self.dataset_index = dataset_index
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        from tms_axolotl_plugin.training_examples import tokenize_row
+        from tms_axolotl_plugin.training_examples import tokenize_with_turns
 
         out: dict[str, list] = {name: [] for name in COLUMNS}
         keep = getattr(self.strategy, "filter_rows", None)
@@ -92,9 +92,7 @@ class RowTokenizer:
             input_ids: list[int] = []
             found: list[Turn] = []
             if keep is None or keep(row):
-                tokens = tokenize_row(self.strategy, row)
-                input_ids = list(tokens["input_ids"])
-                found = find_turns(self.strategy, row, tokens)
+                input_ids, found = tokenize_with_turns(self.strategy, row)
             out["dataset_index"].append(self.dataset_index)
             out["row"].append(canonical_json(row))
             out["input_ids"].append(input_ids)

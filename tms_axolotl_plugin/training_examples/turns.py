@@ -76,8 +76,39 @@ def segment_turns(strategy: Any, row: dict, input_ids: list[int], labels: list[i
     return turns
 
 
-def chat_turns(strategy: Any, row: dict, input_ids: list[int], labels: list[int]) -> list[Turn]:
-    """chat_template: every turn with trained tokens, located by the strategy's `find_turn`."""
+class FindTurnRecorder:
+    """Keeps the turn boundaries the strategy's own `find_turn` calls give while it tokenizes a
+    row, so that the turns need not be located a second time (that doubled the data stage's
+    cost). A turn located with `content_only` (trained in detail) is located again as a whole."""
+
+    def __init__(self, strategy: Any):
+        self.strategy = strategy
+        self.found: dict[int, tuple[int, int] | None] = {}
+
+    def __enter__(self) -> FindTurnRecorder:
+        original = getattr(self.strategy, "find_turn", None)
+        if original is None:  # not a chat strategy: nothing to record
+            return self
+
+        def recording(*args, **kwargs):
+            start_end = original(*args, **kwargs)
+            index = kwargs.get("turn_idx", args[1] if len(args) > 1 else None)
+            if index is not None:
+                self.found[index] = None if kwargs.get("content_only") else start_end
+            return start_end
+
+        self.strategy.find_turn = recording  # on this instance only
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.strategy.__dict__.pop("find_turn", None)
+
+
+def chat_turns(strategy: Any, row: dict, input_ids: list[int], labels: list[int],
+               found: dict[int, tuple[int, int] | None] | None = None) -> list[Turn]:
+    """chat_template: every turn with trained tokens, located by the strategy's `find_turn`.
+    `found`: what `FindTurnRecorder` kept while the strategy tokenized the row; a turn it never
+    located is one the strategy does not train (it locates every turn it may train)."""
     from axolotl.utils.dict import remove_none_values
 
     prompt = remove_none_values(row)
@@ -88,11 +119,18 @@ def chat_turns(strategy: Any, row: dict, input_ids: list[int], labels: list[int]
     first = strategy.transform_message(messages[0]) if messages else {}
     prepended = int(first.get("role") != "system" and strategy.prompter.field_system in prompt)
     dropped = len(messages) + prepended - len(thread)
-    locator = strategy._build_turn_locator(thread, tools, input_ids)
+    locator = None
     turns = []
     for index, turn in enumerate(thread):
-        start, end = strategy.find_turn(turns=thread, turn_idx=index, tools=tools,
-                                        locator=locator)
+        if found and index not in found:
+            continue
+        if found and found[index] is not None:
+            start, end = found[index]
+        else:
+            if locator is None:
+                locator = strategy._build_turn_locator(thread, tools, input_ids)
+            start, end = strategy.find_turn(turns=thread, turn_idx=index, tools=tools,
+                                            locator=locator)
         if start == -1 or start == 0:
             continue
         if all(label == IGNORE_INDEX for label in labels[start:end]):
@@ -115,14 +153,16 @@ def chat_turns(strategy: Any, row: dict, input_ids: list[int], labels: list[int]
     return turns
 
 
-def find_turns(strategy: Any, row: dict, tokens: dict[str, list[int]]) -> list[Turn]:
-    """Every trained turn of `row`, in order, for the strategy that tokenized it."""
+def find_turns(strategy: Any, row: dict, tokens: dict[str, list[int]],
+               found: dict[int, tuple[int, int] | None] | None = None) -> list[Turn]:
+    """Every trained turn of `row`, in order, for the strategy that tokenized it (`found`: see
+    `chat_turns`)."""
     from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy
     from axolotl.prompt_strategies.input_output import RawInputOutputStrategy
 
     input_ids, labels = list(tokens["input_ids"]), list(tokens["labels"])
     if isinstance(strategy, ChatTemplateStrategy):
-        return chat_turns(strategy, row, input_ids, labels)
+        return chat_turns(strategy, row, input_ids, labels, found)
     if isinstance(strategy, RawInputOutputStrategy):
         return segment_turns(strategy, row, input_ids, labels)
     return last_span_turn(input_ids, labels)
