@@ -117,6 +117,10 @@ def child(stage: str, workdir: Path) -> dict:
     from tms_axolotl_plugin.mixture import write_student_mixture
     from tms_axolotl_plugin.pipeline import Pipeline
 
+    # What `axolotl train` has imported before the plugin's hook runs: not the stage's cost.
+    import axolotl.common.datasets  # noqa: F401
+    import axolotl.prompt_strategies.chat_template  # noqa: F401
+
     cfg = load_cfg(str(workdir / "plugin.yml"))
     pipeline = Pipeline(cfg, tms_config_from(cfg))
     pipeline.paths.markers.mkdir(parents=True, exist_ok=True)

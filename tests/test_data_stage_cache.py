@@ -102,3 +102,30 @@ def test_a_second_launch_reads_the_table_without_tokenizing(name, stages, monkey
     assert again.table.directory == first.table.directory
     assert np.array_equal(again.train_rows, first.train_rows)
     assert np.array_equal(again.table.turns.key, first.table.turns.key)
+
+
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_table_turns_and_caps_equal_the_in_memory_examples(stages, turns):
+    """The table, opened with either `tms.turns`, holds the turns, kept reasons and answer caps
+    `load_training_examples` finds row by row."""
+    from axolotl.loaders import load_tokenizer
+
+    from tms_axolotl_plugin.training_examples import load_training_examples
+    from tms_axolotl_plugin.training_examples.table import ExampleTable, key_text
+    from tms_axolotl_plugin.turn_requests import answerable_turns
+
+    _, pipeline = stages["formats"]
+    examples = load_training_examples(pipeline.cfg, load_tokenizer(pipeline.cfg), turns)
+    table = ExampleTable.open(pipeline.table.directory, turns)
+    answerable = answerable_turns(table, pipeline.cfg.sequence_len)
+    assert len(table) == len(examples)
+    for row, example in enumerate(examples):
+        assert table.turn_objects(row) == example.turns
+        caps = example.answer_caps(pipeline.cfg.sequence_len)
+        span = table.turns.of_row(row)
+        assert [key_text(k) for k in table.turns.key[span.start:span.stop]] == [
+            t.key for t in example.turns]
+        assert {i - span.start: int(answerable.cap[i]) for i in span
+                if answerable.mask[i]} == {example.turns.index(t): c for t, c in caps.items()}
+        assert table.num_tokens[row] == example.num_tokens
+        assert table.row(row) == json.loads(json.dumps(example.row, default=str))

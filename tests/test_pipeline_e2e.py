@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from scipy import stats
 
 from conftest import REPO, assert_ok, base_config, read_jsonl, run_axolotl_train, write_config
 from tms_axolotl_plugin.draws import draw_targets
+from tms_axolotl_plugin.label_store import LabelStore
 
 pytestmark = pytest.mark.slow
 
@@ -70,9 +72,12 @@ def mixture_rows(workdir: Path, fingerprint: str | None = None) -> list[dict]:
 
 
 def store_records(workdir: Path) -> list[dict]:
+    """Every stored answer of every label store of the run, each (prompt, checkpoint) once."""
     records = []
-    for shard in (workdir / "out" / "tms" / "labels").glob("*/labels-rank*.jsonl"):
-        records += read_jsonl(shard)
+    for directory in (workdir / "out" / "tms" / "labels").iterdir():
+        store = LabelStore(directory)
+        records += [asdict(label) for batch in store.iter_labels() for label in batch]
+        store.close()
     return records
 
 
@@ -204,6 +209,8 @@ def test_second_identical_run_skips_every_stage(full_run):
     before = model.stat().st_mtime
     proc = run_axolotl_train(workdir / "cfg.yml", timeout=600)
     assert_ok(proc)
+    assert "tms data:      reusing the tokenized table" in proc.stdout
+    assert "tms data:      tokenized" not in proc.stdout
     assert "tms harvest:   skipped: finished earlier" in proc.stdout
     assert "tms regenerate: skipped" in proc.stdout
     assert "tms student:   skipped: finished earlier" in proc.stdout
@@ -336,6 +343,9 @@ def test_two_process_run_gives_the_same_student_mixture(full_run, tmp_path, tiny
                 "--num_processes", "2", "-m", "axolotl.cli.train"]
     proc = run_axolotl_train(config, timeout=1200, launcher=launcher)
     assert_ok(proc)
+    # Rank 0 tokenized the rows once; rank 1 read its table.
+    assert proc.stdout.count("tms data:      tokenized") == 1
+    assert proc.stdout.count("rank 1 reads the table tokenized by rank 0") == 1
     # Generation was split between the ranks, not duplicated.
     counts = [int(n) for n in re.findall(r"rank \d: (\d+) answers generated", proc.stdout)]
     assert len(counts) == 2 and all(counts)

@@ -216,3 +216,12 @@ def test_every_key_in_the_table_is_a_real_config_key():
     unknown = [key for rule in RULES for key in rule.keys
                if not key.startswith("tms.") and key not in axolotl_keys | vllm_keys]
     assert not unknown, f"not Axolotl 0.21 config keys: {unknown}"
+
+
+def test_streamed_fingerprint_equals_the_one_of_the_whole_list():
+    from tms_axolotl_plugin.fingerprint import canonical_json, fingerprint, fingerprint_of_items
+
+    rows = [{"b": 1, "a": [1, {"z": None, "é": "ü\u2028"}]}, {"x": 2.5}, {}]
+    rest = ([{"type": "chat_template"}], "{{ messages }}", 3)
+    assert fingerprint_of_items(map(canonical_json, rows), *rest) == fingerprint(rows, *rest)
+    assert fingerprint_of_items([], None) == fingerprint([], None)
