@@ -34,18 +34,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "data_path.json"
-WORDS = ("the of and to in is was for on are with as his they be at one have this from or had "
-         "by word but what some we can out other were all there when up use your how said an "
-         "each she which do their time if will way about many then them write would like so "
-         "these her long make thing see him two has look more day could go come did number "
-         "sound no most people my over know water than call first who may down side been now "
-         "find any new work part take get place made live where after back little only round "
-         "man year came show every good me give our under name very through just form sentence "
-         "great think say help low line differ turn cause much mean before move right boy old "
-         "too same tell does set three want air well also play small end put home read hand "
-         "port large spell add even land here must big high such follow act why ask men change "
-         "went light kind off need house picture try us again animal point mother world near "
-         "build self earth father 12 7 300 45 1999 3.5 + = * / $ %").split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "an", "each", "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would", "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day", "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than", "call", "first", "who", "may", "down", "side", "been", "now", "find", "any", "new", "work", "part", "take", "get", "place", "made", "live", "where", "after", "back", "little", "only", "round", "man", "year", "came", "show", "every", "good", "me", "give", "our", "under", "name", "very", "through", "just", "form", "sentence", "great", "think", "say", "help", "low", "line", "differ", "turn", "cause", "much", "mean", "before", "move", "right", "boy", "old", "too", "same", "tell", "does", "set", "three", "want", "air", "well", "also", "play", "small", "end", "put", "home", "read", "hand", "port", "large", "spell", "add", "even", "land", "here", "must", "big", "high", "such", "follow", "act", "why", "ask", "men", "change", "went", "light", "kind", "off", "need", "house", "picture", "try", "us", "again", "animal", "point", "mother", "world", "near", "build", "self", "earth", "father", "12", "7", "300", "45", "1999", "3.5", "+", "=", "*", "/", "$", "%"]
 STAGES = ("data", "data-rerun", "requests", "store-append", "store-lookup", "mixture",
           "axolotl")
 
@@ -112,14 +101,14 @@ def child(stage: str, workdir: Path) -> dict:
         meta = load_datasets(cfg=cfg)
         return {"seconds": time.perf_counter() - started, "rows": len(meta.train_dataset)}
 
+    # What `axolotl train` has imported before the plugin's hook runs: not the stage's cost.
+    import axolotl.common.datasets
+    import axolotl.prompt_strategies.chat_template  # noqa: F401
+
     from tms_axolotl_plugin.config import tms_config_from
     from tms_axolotl_plugin.label_store import GeneratedLabel, LabelStore
     from tms_axolotl_plugin.mixture import write_student_mixture
     from tms_axolotl_plugin.pipeline import Pipeline
-
-    # What `axolotl train` has imported before the plugin's hook runs: not the stage's cost.
-    import axolotl.common.datasets  # noqa: F401
-    import axolotl.prompt_strategies.chat_template  # noqa: F401
 
     cfg = load_cfg(str(workdir / "plugin.yml"))
     pipeline = Pipeline(cfg, tms_config_from(cfg))
@@ -168,7 +157,7 @@ def child(stage: str, workdir: Path) -> dict:
 def run_child(stage: str, workdir: Path) -> dict:
     script = Path(__file__).resolve()
     proc = subprocess.run([sys.executable, str(script), "--child", stage, "--workdir",
-                           str(workdir)], capture_output=True, text=True)
+                           str(workdir)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -214,7 +203,11 @@ def main() -> None:
     entry["stages"] = results.get(key, {}).get("stages", {}) if args.stages != ",".join(
         STAGES) else {}
     for stage in stages:
+        load_before = os.getloadavg()[0]
         entry["stages"][stage] = run_child(stage, workdir)
+        # Other work on the machine slows a stage down: the 1-minute load around it says how much.
+        entry["stages"][stage]["load_1min"] = [round(load_before, 2),
+                                               round(os.getloadavg()[0], 2)]
         print(stage, entry["stages"][stage], flush=True)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         results[key] = entry

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from conftest import base_config, write_config
+
 from tms_axolotl_plugin.label_store import GeneratedLabel
 
 GOLDEN = Path(__file__).parent / "golden" / "data_stage.json"

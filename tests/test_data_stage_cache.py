@@ -11,8 +11,16 @@ import json
 
 import numpy as np
 import pytest
+from golden_data_stage import (
+    GOLDEN,
+    build_configs,
+    load,
+    rows_digest,
+    sha,
+    synthetic_label,
+    turn_record,
+)
 
-from golden_data_stage import GOLDEN, build_configs, load, rows_digest, sha, synthetic_label, turn_record
 from tms_axolotl_plugin.label_store import LabelStore
 from tms_axolotl_plugin.mixture import write_student_mixture
 from tms_axolotl_plugin.pipeline import Pipeline

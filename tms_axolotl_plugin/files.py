@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 def fsync_dir(directory: Path) -> None:
@@ -51,7 +51,7 @@ class AtomicFile:
         self.handle.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> AtomicFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind, *_) -> None:

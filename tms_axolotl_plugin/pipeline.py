@@ -34,7 +34,11 @@ from tms_axolotl_plugin.config import TMSConfig
 from tms_axolotl_plugin.draws import DrawPlan, draw_targets
 from tms_axolotl_plugin.errors import TMSConfigError, TMSError
 from tms_axolotl_plugin.files import AtomicFile, write_text_atomic
-from tms_axolotl_plugin.fingerprint import fingerprint, fingerprint_of_items, model_dir_digest
+from tms_axolotl_plugin.fingerprint import (
+    fingerprint,
+    fingerprint_of_items,
+    model_dir_digest,
+)
 from tms_axolotl_plugin.generation import SamplingSettings
 from tms_axolotl_plugin.harvest import (
     HARVEST_DIRNAME,
@@ -174,14 +178,18 @@ def split_heldout(num_rows: int, count: int, seed: int) -> tuple[np.ndarray, np.
     return np.flatnonzero(~heldout), np.flatnonzero(heldout)
 
 
+def entries_with_rows(table: ExampleTable, rows: np.ndarray, num_datasets: int) -> list[int]:
+    """The `datasets:` indices that have at least one of `rows`."""
+    return np.flatnonzero(np.bincount(table.dataset_index[rows], minlength=num_datasets)).tolist()
+
+
 def write_table_rows(table: ExampleTable, rows: np.ndarray, directory: Path, stem: str,
                      dataset_configs: list[Any]) -> list[dict[str, Any]]:
     """The raw rows `rows` of the table, one JSONL per `datasets:` entry (rank 0 writes them
     in one pass, if not there yet); returns the `datasets:` entries that read them."""
     directory.mkdir(parents=True, exist_ok=True)
-    present = np.flatnonzero(np.bincount(table.dataset_index[rows],
-                                         minlength=len(dataset_configs)))
-    paths = {int(i): directory / f"{stem}-{i}.jsonl" for i in present}
+    paths = {i: directory / f"{stem}-{i}.jsonl"
+             for i in entries_with_rows(table, rows, len(dataset_configs))}
     if ranks.rank() == 0 and not all(p.exists() for p in paths.values()):
         with ExitStack() as stack:
             files = {i: stack.enter_context(AtomicFile(p)) for i, p in paths.items()}
@@ -261,11 +269,10 @@ class Pipeline:
         validated = validated_entries(self.raw, self.train_entries + self.heldout_entries)
         self.student_heldout_entries = validated[len(self.train_entries):]
         n = len(self.dataset_configs)
-        present = np.flatnonzero(np.bincount(self.table.dataset_index[self.train_rows],
-                                             minlength=n))
+        present = entries_with_rows(self.table, self.train_rows, n)
         self.student_entries: list[Any] = [None] * n  # by `datasets:` index, like the rows
         for index, entry in zip(present, validated[: len(self.train_entries)], strict=True):
-            self.student_entries[int(index)] = entry
+            self.student_entries[index] = entry
         t = self.table.turns
         per_row = t.first[self.train_rows + 1] - t.first[self.train_rows]
         is_train = np.zeros(len(self.table), dtype=bool)
@@ -489,11 +496,8 @@ class Pipeline:
     # -- stage 3: student ------------------------------------------------------------------
     def student(self, plan: DrawPlan, store: LabelStore, checkpoints: dict[int, Path]) -> str:
         student_fp = self.fingerprints(student_inputs=plan.targets.tolist())["student"]
-        n = len(self.dataset_configs)
-        present = np.flatnonzero(np.bincount(self.table.dataset_index[self.train_rows],
-                                             minlength=n))
-        paths = {int(i): self.paths.student / f"mixture-{student_fp}-{i}.jsonl"
-                 for i in present}
+        paths = {i: self.paths.student / f"mixture-{student_fp}-{i}.jsonl" for i in
+                 entries_with_rows(self.table, self.train_rows, len(self.dataset_configs))}
         stats_path = self.paths.student / f"mixture-{student_fp}.stats.json"
         # One process writes the mixture, the stats last: the others wait for them.
         if ranks.rank() == 0 and not stats_path.exists():

@@ -14,10 +14,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from tms_axolotl_plugin.generation import GenerationBackend, GenerationRequest, SamplingSettings
+from tms_axolotl_plugin.generation import (
+    GenerationBackend,
+    GenerationRequest,
+    SamplingSettings,
+)
 from tms_axolotl_plugin.label_store import LabelStore
-from tms_axolotl_plugin.turn_requests import ListedRequests, RequestSet
 from tms_axolotl_plugin.logs import get_logger
+from tms_axolotl_plugin.turn_requests import ListedRequests, RequestSet
 
 LOG = get_logger(__name__)
 

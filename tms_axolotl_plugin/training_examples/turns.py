@@ -15,7 +15,7 @@ A trained turn that TMS must not rewrite is still listed, with the reason in `ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from tms_axolotl_plugin.fingerprint import fingerprint
 
@@ -85,7 +85,7 @@ class FindTurnRecorder:
         self.strategy = strategy
         self.found: dict[int, tuple[int, int] | None] = {}
 
-    def __enter__(self) -> FindTurnRecorder:
+    def __enter__(self) -> Self:
         original = getattr(self.strategy, "find_turn", None)
         if original is None:  # not a chat strategy: nothing to record
             return self
