@@ -142,6 +142,120 @@ def test_seed_depends_on_the_prompt_key_not_on_the_cap():
     assert 0 <= a.seed < 2**60
 
 
+# ---- continuous batching ------------------------------------------------------------------
+
+
+def mixed_requests(tokenizer, checkpoint: int, n: int = 18) -> list[GenerationRequest]:
+    """Prompts of six lengths with caps from 1 to 12 tokens: rows finish at different steps,
+    so rows leave and join the batch, and the cache is padded and cut."""
+    return [request(tokenizer, f"{QUESTIONS[i % 6]} ({i})", checkpoint, 1 + (5 * i) % 12)
+            for i in range(n)]
+
+
+def test_answers_do_not_depend_on_batch_size_window_or_company(untied_dir, tokenizer):
+    requests = mixed_requests(tokenizer, 2)
+    alone = run(HFGenerator(1), untied_dir, requests)  # batch 1: every request decoded alone
+    assert len({a.text for a in alone.values()}) == len(requests)
+    for batch_size, window in [(3, 4), (8, 5), (8, 4096)]:
+        generator = HFGenerator(batch_size, window=window)
+        answers = [label for batch in generator.generate(untied_dir, iter(requests), SAMPLE)
+                   for label in batch]  # a one-shot iterator
+        assert {(a.prompt_key, a.checkpoint): a for a in answers} == alone
+        assert len(answers) == len(requests)
+    others = [request(tokenizer, f"Something else {i}", 2, 10) for i in range(5)]
+    mixed = run(HFGenerator(4), untied_dir, [*others, *requests[::2]])
+    assert {k: mixed[k] for k in alone if k in mixed} == {k: alone[k] for k in
+                                                        [(r.prompt_key, 2) for r in requests[::2]]}
+
+
+def test_greedy_answers_equal_model_generate_while_rows_leave_and_join(untied_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(untied_dir), dtype=torch.float32).eval()
+    requests = mixed_requests(tokenizer, 2, 12)
+    answers = {key: tokens for batch in HFGenerator(3).generate_tokens(
+        untied_dir, requests, SamplingSettings(greedy=True)) for key, tokens in batch.items()}
+    for r in requests:  # plain `generate`, one prompt at a time: no padding, no company
+        assert answers[r.prompt_key] == tuple(greedy_tokens(model, list(r.prompt_ids),
+                                                            r.max_new_tokens))
+
+
+def test_a_finished_row_makes_room_for_the_next_request(tokenizer, model):
+    from tms_axolotl_plugin.generation import ContinuousBatch, RequestSampler
+
+    rows_per_step = []
+    hook = model.register_forward_hook(
+        lambda module, args, kwargs, out: rows_per_step.append(kwargs["input_ids"].shape),
+        with_kwargs=True)
+    ids = prompt_ids(tokenizer, "Hi")
+    requests = [GenerationRequest("long", 1, ids, 10)] + [
+        GenerationRequest(f"short {i}", 1, prompt_ids(tokenizer, QUESTIONS[i]), 2)
+        for i in range(4)]
+    try:
+        batch = ContinuousBatch(model, "cpu", RequestSampler(SAMPLE), set(), pad_id=2)
+        finished = [pair for pairs in batch.run(iter(requests), batch_size=2) for pair in pairs]
+    finally:
+        hook.remove()
+    assert {r.prompt_key: len(tokens) for r, tokens in finished} == {
+        r.prompt_key: r.max_new_tokens for r in requests}  # no EOS here: every row to its cap
+    decode_rows = [shape[0] for shape in rows_per_step if shape[1] == 1]
+    prefill_rows = [shape[0] for shape in rows_per_step if shape[1] > 1]
+    # each short answer leaves after 2 tokens and the next request takes its place: the
+    # batch takes as many steps as the long answer needs (static batches: 9 + 1 + 1)
+    assert decode_rows == [2, 2, 2, 2, 1, 1, 1, 1, 1]
+    assert prefill_rows == [2, 1, 1, 1]
+
+
+def test_requests_are_read_a_window_at_a_time(tiny_model_dir, tokenizer):
+    pulled = []
+
+    def requests():
+        for i in range(40):
+            pulled.append(i)
+            yield GenerationRequest(f"k{i}", 1, prompt_ids(tokenizer, QUESTIONS[i % 6]), 1 + i % 4)
+
+    batches = HFGenerator(4, window=8).generate(tiny_model_dir, requests(), SAMPLE)
+    first = next(batches)
+    assert len(pulled) == 8, "one window read before the first answers come back"
+    rest = [label for batch in batches for label in batch]
+    assert len(pulled) == 40 and len({a.prompt_key for a in [*first, *rest]}) == 40
+
+
+def test_cpu_attention_gives_bit_for_bit_the_logits_of_transformers_sdpa(tiny_model_dir,
+                                                                          tokenizer):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from tms_axolotl_plugin.generation import (
+        CPU_ATTENTION,
+        _share_kv_heads_in_cpu_attention,
+    )
+
+    models = [AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+              .eval() for _ in range(2)]
+    _share_kv_heads_in_cpu_attention(models[1])
+    assert models[1].config._attn_implementation == CPU_ATTENTION
+    assert models[0].config._attn_implementation == "sdpa"
+    prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS[:3]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[2] * (width - len(p)) + list(p) for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None])
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    for m in models:
+        cache, steps = DynamicCache(config=m.config), []
+        with torch.inference_mode():
+            out = m(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                    past_key_values=cache)
+            steps.append(out.logits[:, -1])
+            for step in range(3):  # decode steps: one query against the padded cache
+                full = torch.cat([mask, torch.ones(3, step + 1, dtype=torch.bool)], 1).long()
+                out = m(input_ids=steps[-1].argmax(-1, keepdim=True), attention_mask=full,
+                        position_ids=positions[:, -1:] + step + 1, past_key_values=cache)
+                steps.append(out.logits[:, -1])
+        logits.append(torch.stack(steps))
+    assert torch.equal(logits[0], logits[1])
+
+
 # ---- finish() -----------------------------------------------------------------------------
 
 
@@ -346,16 +460,14 @@ def test_a_checkpoints_generation_config_does_not_change_its_answers(tokenizer,
                                                                          greedy)
 
 
-def test_penalties_count_the_rows_own_prompt_and_answer_never_its_padding():
+def test_penalties_count_each_rows_own_prompt_and_answer():
     from tms_axolotl_plugin.generation import RequestPenalties
 
     settings = SamplingSettings(repetition_penalty=2.0, presence_penalty=0.5,
                                 frequency_penalty=0.25)
-    # width-4 prompts, left-padded with token 0; two answer tokens so far
-    input_ids = torch.tensor([[0, 0, 5, 6, 7, 7], [1, 2, 3, 4, 5, 0]])
     scores = torch.tensor([[1.0] * 8, [-1.0] * 8])
-    out = RequestPenalties(settings, [2, 4], 4)(input_ids, scores)
-    # row 0: prompt {5, 6} and answer {7, 7}; the padding 0s count for nothing
+    out = RequestPenalties(settings)(scores, [(5, 6), (1, 2, 3, 4)], [[7, 7], [5, 0]])
+    # row 0: prompt {5, 6} and answer {7, 7}; the other row's tokens count for nothing
     assert out[0].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5 - 0.5 - 2 * 0.25]
     # row 1: prompt {1, 2, 3, 4}, answer {5, 0}; negative logits are multiplied
     assert out[1].tolist() == [-2.0 - 0.75, -2.0, -2.0, -2.0, -2.0, -2.0 - 0.75, -1.0, -1.0]

@@ -14,9 +14,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
-
 from conftest import REPO
+
+from tms_axolotl_plugin import label_store
 from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.label_store import GeneratedLabel, LabelStore
 
@@ -29,7 +31,7 @@ def label(key: str, checkpoint: int, text: str = "an answer",
 def killed(store: LabelStore) -> None:
     """What a SIGKILL does to a writer: its files are closed, nothing else happens."""
     for writer in store._writers.values():
-        writer.close()
+        writer.close(seal=False)
     store._writers.clear()
 
 
@@ -49,12 +51,17 @@ def test_records_round_trip_across_two_rank_shards(tmp_path):
 
 
 def test_lines_are_the_json_of_the_dataclass(tmp_path):
-    """Users read the files with jq or pandas: one json.dumps(asdict(label)) per line."""
+    """Users read the files with jq or pandas: one JSON object per line, the dataclass's fields
+    in order, text as UTF-8."""
     store = LabelStore(tmp_path / "labels")
-    records = [label("p0", 1, 'quote " backslash \\ tab \t ✓'), label("p1", 2)]
+    records = [label("p0", 1, 'quote " backslash \\ tab \t ✓ \u2028'), label("p1", 2)]
     store.append(0, records)
-    assert (store.directory / "labels-rank0.jsonl").read_text(encoding="utf-8") == "".join(
-        json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
+    data = (store.directory / "labels-rank0.jsonl").read_bytes()
+    assert "✓".encode() in data
+    lines = data.decode().split("\n")
+    assert lines[-1] == "" and len(lines) == 3
+    assert [list(json.loads(line).items()) for line in lines[:-1]] == [
+        list(asdict(r).items()) for r in records]
 
 
 def test_empty_store_loads_nothing_and_empty_append_writes_nothing(tmp_path):
@@ -152,6 +159,36 @@ def test_text_with_unicode_line_separators_survives_the_round_trip(tmp_path):
     assert store.load() == {("p0", 1): odd, ("p1", 1): label("p1", 1), ("p2", 1): lone}
 
 
+@pytest.mark.skipif(label_store.orjson is None, reason="orjson is not installed")
+def test_orjson_and_the_json_module_read_each_others_lines(tmp_path, monkeypatch):
+    """orjson, when installed, writes compact lines; the json module spaced ones, as older
+    versions did: a store may hold both, and either reads them."""
+    fast = [label("p0", 1, "ünï \u2028 ✓"), label("p1", np.int64(2)), label("p2", 1, "\ud800")]
+    store = LabelStore(tmp_path / "labels")
+    store.append(0, fast[:2])
+    store.append(0, fast[2:])  # orjson refuses a lone surrogate: json writes that batch
+    monkeypatch.setattr(label_store, "orjson", None)
+    slow = [label("p3", 1, "ünï \u2028 ✓"), label("p4", np.int64(2)), label("p5", 1, "\ud800")]
+    store.append(0, slow)
+    expected = {(r.prompt_key, int(r.checkpoint)): r for r in fast + slow}
+    assert LabelStore(tmp_path / "labels").load() == expected
+    monkeypatch.undo()
+    assert LabelStore(tmp_path / "labels").load() == expected
+    lines = (store.directory / "labels-rank0.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
+    assert lines[0].startswith('{"prompt_key":"p0",') and lines[3].startswith(
+        '{"prompt_key": "p3", ')
+    assert all(type(json.loads(line)["checkpoint"]) is int for line in lines)
+
+
+def test_an_answer_whose_key_is_not_a_string_and_an_integer_is_refused(tmp_path):
+    store = LabelStore(tmp_path / "labels")
+    for bad in (label("p0", True), label("p0", 1.0), GeneratedLabel(7, 1, "", "stop", 1, 1)):
+        with pytest.raises(TypeError, match="prompt_key is a string and its checkpoint"):
+            store.append(0, [label("p1", 1), bad])
+    store.append(0, [label("p2", 1)])
+    assert set(store.load()) == {("p2", 1)}
+
+
 def test_first_record_for_a_key_wins_when_a_key_was_written_twice(tmp_path):
     store = LabelStore(tmp_path / "labels")
     store.append(0, [label("p0", 1, "from rank 0")])
@@ -216,8 +253,8 @@ def test_a_store_written_by_an_older_version_is_read_as_is_and_extended(tmp_path
     old = {0: [label("p0", 1), label("p1", 1, "ünï")], 1: [label("p0", 2, "", "length")]}
     for rank, records in old.items():
         with open(directory / f"labels-rank{rank}.jsonl", "w", encoding="utf-8") as handle:
-            for record in records:  # exactly as the older version's append wrote them
-                handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+            # exactly as the older version's append wrote them
+            handle.writelines(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
     with open(directory / "labels-rank1.jsonl", "a", encoding="utf-8") as handle:
         handle.write('{"prompt_key": "torn", "check')
 
@@ -228,6 +265,18 @@ def test_a_store_written_by_an_older_version_is_read_as_is_and_extended(tmp_path
     store.append(1, [label("p2", 1)])
     assert LabelStore(directory).load() == {**stored, ("p2", 1): label("p2", 1)}
     assert (directory / "labels-rank1.jsonl").read_text(encoding="utf-8").count("torn") == 0
+
+
+def test_closing_indexes_the_last_segment_and_the_next_writer_starts_a_new_one(tmp_path):
+    store = LabelStore(tmp_path / "labels")
+    store.append(0, [label("p0", 1)])
+    store.append(1, [label("p1", 1)])
+    store.close()
+    assert sorted(p.name for p in store.directory.iterdir()) == [
+        "labels-rank0.index", "labels-rank0.jsonl", "labels-rank1.index", "labels-rank1.jsonl"]
+    store.append(0, [label("p2", 1)])  # the same store goes on writing, in a new segment
+    assert (store.directory / "labels-rank0-00001.jsonl").exists()
+    assert set(LabelStore(tmp_path / "labels").load()) == {("p0", 1), ("p1", 1), ("p2", 1)}
 
 
 def test_a_second_writer_of_a_rank_is_refused(tmp_path):
@@ -255,7 +304,7 @@ def test_full_segments_are_indexed_and_a_lost_index_is_rebuilt(tmp_path):
     (directory / "labels-rank0-00001.index").write_bytes(b"not an index")
     reader = LabelStore(directory)
     assert reader.load() == {(r.prompt_key, r.checkpoint): r for r in records}  # by scanning
-    store.close()
+    killed(store)
     (directory / "labels-rank0-00001.index").unlink()
     LabelStore(directory, segment_records=4).append(0, [label("p10", 1)])
     assert (directory / "labels-rank0.index").exists()
@@ -340,7 +389,7 @@ def kill_writer(directory: Path, first_batch: int, rng: random.Random) -> set[in
             if line != b"next\n":
                 done.add(int(line))
         child.stdout.readline()  # "next": it is about to write its next batch
-        time.sleep(rng.uniform(0, 0.003))
+        time.sleep(rng.uniform(0, 0.02))
     child.send_signal(signal.SIGKILL)
     out, _ = child.communicate(timeout=30)
     assert child.returncode == -signal.SIGKILL
@@ -391,17 +440,17 @@ def test_appends_read_nothing_back_from_a_large_store(tmp_path):
     """200k answers: reopening the rank scans its last segment only (the one that can have a
     torn tail); after that, appends read nothing, however large the store."""
     directory = tmp_path / "labels"
-    build = LabelStore(directory)
+    build = LabelStore(directory, segment_records=150_000)
     for start in range(0, 200_000, 20_000):
         build.append(0, [label(f"{i:016x}", 1 + i % 4, f"answer {i} " + "x" * 150)
                          for i in range(start, start + 20_000)])
-    build.close()
+    killed(build)
     first, last = directory / "labels-rank0.jsonl", directory / "labels-rank0-00001.jsonl"
     assert sorted(directory.glob("labels-rank0*.jsonl")) == [last, first]
     assert (directory / "labels-rank0.index").exists()
     whole, tail = first.stat().st_size + last.stat().st_size, last.stat().st_size
 
-    store = LabelStore(directory)
+    store = LabelStore(directory, segment_records=150_000)
     before = bytes_read()
     store.append(0, [label("opening", 1)])
     opening = bytes_read() - before

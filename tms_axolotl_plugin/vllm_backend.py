@@ -104,7 +104,7 @@ class InFlightStats:
         self.count += 1
         self.max_count = max(self.max_count, self.count)
 
-    def finished(self, _task=None) -> None:
+    def finished(self) -> None:
         self._advance()
         self.count -= 1
 
@@ -407,6 +407,13 @@ class VLLMGenerator:
         failures: list[tuple[GenerationRequest, BaseException]] = []
         exhausted, restarts = False, 0
         client = self._async_client()
+
+        async def counted(client, request, model):  # in flight until its coroutine ends
+            try:
+                return await self._complete(client, request, model, settings)
+            finally:
+                stats.finished()
+
         try:
             while True:
                 while not failures and len(in_flight) < window and (resend or not exhausted):
@@ -414,10 +421,8 @@ class VLLMGenerator:
                     if request is None:
                         exhausted = True
                         break
-                    task = asyncio.create_task(
-                        self._complete(client, request, route(request), settings))
+                    task = asyncio.create_task(counted(client, request, route(request)))
                     stats.started()
-                    task.add_done_callback(stats.finished)
                     in_flight[task] = request
                 stats.refilled(remaining=bool(resend) or not exhausted)
                 if not in_flight:
