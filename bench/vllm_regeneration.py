@@ -12,16 +12,17 @@ socket) whose engine runs at most `--max-num-seqs` sequences at once.
   so every gap between a completion and the request that replaces it shows. One request per
   prompt with its own seed, retries, answers handed back in batches; three times more prompts
   than the window, so it is refilled all the time. `--headroom` adds a run with a window of
-  twice the engine's batch (the server then refills from its own queue, as with the default
-  `tms.sidecar.concurrency` on a GPU server).
+  twice the engine's batch: the server then refills from a queue of its own.
 - direct: one `/v1/completions` request carrying every prompt: the server queues them and
   refills its batch itself, the best the engine can do with these prompts.
 - They alternate, `--rounds` times (the order swapped every round), with the prefix cache reset
   before each run so none reuses another's prefills. tokens/s is what the issue asks about, but
-  this shared 2-CPU machine makes it noisy, so each round's plugin/direct ratio is reported
-  (adjacent runs see similar load) and the headline is their median. The noise-free measure of
-  how full the client keeps the engine is the engine's own count (its /metrics): answer tokens
-  per engine step, i.e. sequences decoded per step; `engine_batch_ratio` compares the two.
+  on a shared 2-CPU machine identical runs differ by up to ~30% with the other load, so each
+  round's plugin/direct ratio is kept (adjacent runs see similar load) and the headline is
+  their median. The load-independent measure of how full the client keeps the engine is the
+  engine's own count (its /metrics): answer tokens per engine step, i.e. sequences advanced per
+  step; `engine_batch_ratio` compares the two. (On CPU the ~130-token prompts' prefill costs
+  about as much as the answers' decode, and it is the same work on both paths.)
 - transformers: `HFGenerator` (batch 16) on the first `--hf-prompts` prompts.
 - switches: in-place weight reload (or restart) to a second full-weight checkpoint.
 Writes bench/results/vllm_regeneration.json, with the command that produced it.

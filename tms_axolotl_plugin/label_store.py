@@ -277,7 +277,9 @@ class _Segment:
         first, end = int(spans[0, 0]), int(spans[-1, 0] + spans[-1, 1])
         data = _pread(fd, end - first, first)
         if np.array_equal(spans[1:, 0], spans[:-1, 0] + spans[:-1, 1]):  # no line skipped
-            return data.split(b"\n")[:-1]  # JSON escapes every newline in a value
+            lines = data.split(b"\n")[:-1]  # JSON escapes every newline in a value
+            if len(lines) == len(spans):
+                return lines
         return [data[offset - first : offset - first + length - 1]
                 for offset, length in spans.tolist()]
 
@@ -322,9 +324,9 @@ class _Writer:
             self._seal()
 
     def append(self, records: list[GeneratedLabel]) -> None:
+        data = _lines(records)
         if self._fd is None:
             self._fd = self._new_segment()
-        data = _lines(records)
         start = self._scan.end
         try:
             _pwrite(self._fd, data, start)
