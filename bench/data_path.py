@@ -6,8 +6,9 @@
 (trainer venv). Synthetic chat rows (`--kind short`: GSM8K-length, one question and answer;
 `--kind long`: ~1,000 tokens in three user/assistant exchanges), the project's tiny Llama
 tokenizer, `dataset_num_proc = --procs` for both. Each stage runs in its own child process, so
-its wall time and peak RSS are its own (RSS: the child's maximum resident set, memory-mapped
-pages it touched included; `workers`: the largest of its worker processes):
+its wall time and peak RSS are its own (`rss_mb`: the child's maximum resident set, memory-mapped
+pages it touched included; `anon_rss_mb`: its peak anonymous memory, sampled, i.e. without
+memory-mapped files; `workers`: the largest of its worker processes):
 - data: `Pipeline.prepare_data` on a fresh output_dir (tokenize into the table, streamed
   fingerprint, data files); data (rerun): the same on the same output_dir (reads the table);
 - requests: `Pipeline.draw` (draws and the turn requests), after a data rerun;
@@ -158,6 +159,33 @@ def child(stage: str, workdir: Path) -> dict:
     raise ValueError(stage)
 
 
+class AnonPeak:
+    """Peak anonymous resident memory (heap, not memory-mapped file pages), sampled every 0.1 s:
+    the goal's "memory-mapped files aside"; ru_maxrss counts the table's touched pages too."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kb, self._done = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+        return 0
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.1):
+            self.peak_kb = max(self.peak_kb, self._read())
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return round(max(self.peak_kb, self._read()) / 1024)
+
+
 def run_child(stage: str, workdir: Path) -> dict:
     script = Path(__file__).resolve()
     # datasets caches what it loads and maps (by file path and mtime): a first run, the
@@ -166,12 +194,14 @@ def run_child(stage: str, workdir: Path) -> dict:
     cache = workdir / ("hf-cache-axolotl" if stage == "axolotl" else "hf-cache-plugin")
     if stage in ("data", "axolotl"):
         shutil.rmtree(cache, ignore_errors=True)
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cache)}
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "AXOLOTL_DO_NOT_TRACK": "1",
+           "DO_NOT_TRACK": "1"}  # no telemetry retries on a machine without internet
     proc = subprocess.run([sys.executable, str(script), "--child", stage, "--workdir",
                            str(workdir)], capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(proc.stdout.splitlines())
+                           if line.startswith("{")))
 
 
 def main() -> None:
@@ -185,7 +215,9 @@ def main() -> None:
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
+        peak_anon = AnonPeak()
         result = child(args.child, args.workdir)
+        result["anon_rss_mb"] = peak_anon.stop()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         workers = resource.getrusage(resource.RUSAGE_CHILDREN)
         result.update(rss_mb=round(usage.ru_maxrss / 1024), workers_rss_mb=round(
