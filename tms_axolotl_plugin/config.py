@@ -125,8 +125,10 @@ class GenerationConfig(_Section):
     batch_size: int = Field(
         default=16,
         ge=1,
-        description="Prompts per generate() call for the `hf` backend (the `vllm` backend "
-        "keeps `tms.sidecar.concurrency` requests in flight instead).",
+        description="Requests the `hf` backend decodes at once: a finished answer's place goes "
+        "to the next request (continuous batching), so this many stay in flight until the "
+        "requests run out (the `vllm` backend keeps `tms.sidecar.concurrency` requests in "
+        "flight instead).",
     )
 
 
@@ -348,6 +350,42 @@ class SidecarConfig(_Section):
         return self
 
 
+class NodesConfig(_Section):
+    """Runs on several nodes (machines): the shared `output_dir` check and heartbeats."""
+
+    probe_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="At the start of a multi-node run, how long rank 0 waits to see a probe "
+        "file from every node in `output_dir` before stopping with \"output_dir must be on a "
+        "filesystem shared by all nodes\" (nodes start at different times; a shared "
+        "filesystem may show new files late).",
+    )
+    heartbeat_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often each node's local rank 0 updates its heartbeat file in "
+        "`output_dir` while the run goes on.",
+    )
+    dead_after_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="A node whose heartbeat has not changed for this long is taken as dead: "
+        "the other nodes stop waiting for it (in the harvest or at a stage marker) and exit "
+        "with an error naming it. Keep it well above `heartbeat_s` plus the shared "
+        "filesystem's attribute-cache delay (NFS: up to 60 s).",
+    )
+
+    @model_validator(mode="after")
+    def _dead_after_covers_beats(self) -> NodesConfig:
+        if self.dead_after_s < 3 * self.heartbeat_s:
+            raise ValueError(
+                f"tms.nodes.dead_after_s ({self.dead_after_s:g}) must be at least 3 x "
+                f"tms.nodes.heartbeat_s ({self.heartbeat_s:g}), or a live node can look dead; "
+                "raise dead_after_s or lower heartbeat_s")
+        return self
+
+
 class PLDConfig(_Section):
     """Policy-Label Divergence: held-out NLL of the static labels, logged during training."""
 
@@ -462,6 +500,10 @@ class TMSConfig(_Section):
     sidecar: SidecarConfig = Field(
         default_factory=SidecarConfig,
         description="vLLM server settings (used when `generation.backend: vllm`).",
+    )
+    nodes: NodesConfig = Field(
+        default_factory=NodesConfig,
+        description="Multi-node runs: shared `output_dir` check and heartbeats.",
     )
     pld: PLDConfig = Field(default_factory=PLDConfig, description="PLD logging.")
     retention: RetentionConfig = Field(

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -73,32 +77,56 @@ def harvested_checkpoints(harvest_dir: Path):
     return list_checkpoints(Path(harvest_dir) / HARVEST_DIRNAME)
 
 
-def harvest_command(config_path: Path, num_processes: int) -> list[str]:
+@dataclass(frozen=True)
+class HarvestLaunch:
+    """How this node starts its share of the harvest run: `nproc_per_node` processes, and with
+    several nodes, one torchrun agent per node meeting at a c10d rendezvous that node 0 hosts."""
+
+    nproc_per_node: int
+    nnodes: int = 1
+    endpoint: str | None = None  # host:port of the rendezvous (several nodes)
+    rdzv_id: str | None = None
+    hosts_rendezvous: bool = True
+
+
+def harvest_command(config_path: Path, launch: HarvestLaunch) -> list[str]:
     """The entry point `axolotl train` runs, on as many processes as the outer run has.
 
     Several processes are started with torchrun (what `accelerate launch --multi_gpu` runs),
     which also works on CPU; Axolotl sets the DeepSpeed/FSDP environment itself from the config.
     """
-    if num_processes <= 1:
-        return [sys.executable, "-m", "axolotl.cli.train", str(config_path)]
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(num_processes),
-        "--master_port", str(free_port()),
-        "-m", "axolotl.cli.train", str(config_path),
-    ]
+    train = ["-m", "axolotl.cli.train", str(config_path)]
+    if launch.nnodes == 1 and launch.nproc_per_node <= 1:
+        return [sys.executable, *train]
+    command = [sys.executable, "-m", "torch.distributed.run",
+               "--nproc_per_node", str(launch.nproc_per_node)]
+    if launch.nnodes == 1:
+        return [*command, "--master_port", str(free_port()), *train]
+    return [*command, "--nnodes", str(launch.nnodes), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", launch.endpoint, "--rdzv-id", launch.rdzv_id,
+            # Node 0 hosts the store whatever its name resolves to; the others connect.
+            "--rdzv-conf", f"is_host={str(launch.hosts_rendezvous).lower()}", *train]
 
 
-def run_harvest(config_path: Path, num_processes: int, log_path: Path) -> None:
-    """Run the harvest training in a child process; its output goes to the console and a log."""
-    command = harvest_command(config_path, num_processes)
+def run_harvest(config_path: Path, launch: HarvestLaunch, log_path: Path,
+                check: Callable[[], None] | None = None) -> None:
+    """Run the harvest training in a child process; its output goes to the console and a log.
+    `check` is called every few seconds while it runs: an error it raises (another node died)
+    stops the child and is raised here."""
+    command = harvest_command(config_path, launch)
     LOG.info("tms harvest: %s (log: %s)", " ".join(command), log_path)
     env = clean_launch_env({STAGE_ENV: "harvest"})
     for key in ("WANDB_RUN_ID", "WANDB_RESUME"):  # would attach the harvest to the outer run
         env.pop(key, None)
+    stopped: list[BaseException] = []
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+        watcher = None
+        if check is not None:
+            watcher = threading.Thread(target=_stop_on_error, args=(process, check, stopped),
+                                       name="tms-harvest-watch", daemon=True)
+            watcher.start()
         try:
             for line in process.stdout:
                 sys.stdout.write(line)
@@ -108,8 +136,27 @@ def run_harvest(config_path: Path, num_processes: int, log_path: Path) -> None:
             process.terminate()
             process.wait(timeout=60)
             raise
+    if stopped:
+        raise stopped[0]
     if code != 0:
         raise TMSError(
             f"the harvest SFT run failed (exit code {code}); see {log_path}. Fix the cause and "
             "run the same command again: finished stages are kept."
         )
+
+
+def _stop_on_error(process: subprocess.Popen, check: Callable[[], None],
+                   stopped: list[BaseException], poll_s: float = 2.0) -> None:
+    while process.poll() is None:
+        try:
+            check()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            stopped.append(error)
+            LOG.error("tms harvest: %s", error)
+            process.terminate()  # torchrun passes SIGTERM on to its workers
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            return
+        time.sleep(poll_s)

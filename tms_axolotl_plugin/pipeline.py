@@ -21,14 +21,14 @@ import os
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from tms_axolotl_plugin import ranks
+from tms_axolotl_plugin import nodes, ranks
 from tms_axolotl_plugin.checkpoints import list_checkpoints, select_evenly_spaced
 from tms_axolotl_plugin.config import TMSConfig
 from tms_axolotl_plugin.draws import DrawPlan, draw_targets
@@ -43,6 +43,7 @@ from tms_axolotl_plugin.generation import SamplingSettings
 from tms_axolotl_plugin.harvest import (
     HARVEST_DIRNAME,
     HARVEST_RUN_ID_FILE,
+    HarvestLaunch,
     harvested_checkpoints,
     run_harvest,
 )
@@ -53,6 +54,7 @@ from tms_axolotl_plugin.mixture import MixtureStats, write_student_mixture
 from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import regenerate
 from tms_axolotl_plugin.run_summary import StageLog, fallback_warning
+from tms_axolotl_plugin.sidecar import free_port
 from tms_axolotl_plugin.stage_inputs import stage_fingerprints
 from tms_axolotl_plugin.student import FINGERPRINT_ENV, set_aside_foreign_checkpoints
 from tms_axolotl_plugin.training_examples import (
@@ -388,7 +390,16 @@ class Pipeline:
             config = harvest_config(self.raw, self.train_entries, self.heldout_entries,
                                     harvest_dir)
             write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False), mode=0o600)
-            run_harvest(config_path, ranks.world_size(), harvest_dir / "harvest.log")
+            launch = self._harvest_launch()
+            try:
+                run_harvest(config_path, launch, harvest_dir / "harvest.log",
+                            check=self._harvest_check)
+            except BaseException as error:
+                if launch.nnodes > 1:  # the other nodes stop theirs; a dead node is the cause
+                    ranks.record_failure(self.paths.markers, "harvest", error)
+                    self._wait_for_harvest_nodes(launch.nnodes, report_failures=False)
+                raise
+            self._wait_for_harvest_nodes(launch.nnodes)
             found = harvested_checkpoints(harvest_dir)
             if len(found) < T:
                 raise TMSError(f"the harvest run left {len(found)} of {T} checkpoints in "
@@ -399,10 +410,64 @@ class Pipeline:
             done.touch()
             self._note("harvest", f"done: {T} checkpoints at steps {[c.step for c in found]}")
 
+        if ranks.rank() != 0 and nodes.num_nodes() > 1 and nodes.is_node_leader():
+            self._harvest_share(harvest_dir)
         ranks.main_does_then_all_wait(self.paths.markers, "harvest", work)
         self.harvest_run_id = run_id.read_text() if run_id.exists() else ""
         found = harvested_checkpoints(harvest_dir)
         return {t: c.path for t, c in enumerate(found[-T:], start=1)}
+
+    def _harvest_check(self) -> None:
+        """While this node's harvest processes run: stop them if another node failed or died."""
+        ranks.raise_if_failed(self.paths.markers, "harvest")
+        ranks.run_wait_checks()
+
+    def _wait_for_harvest_nodes(self, count: int, report_failures: bool = True) -> None:
+        """Rank 0: until every other node's harvest processes have exited (they may still be
+        writing the last checkpoint); raise if one died, or (`report_failures`) failed."""
+        exited = [ranks.launch_file(self.paths.markers, f"harvest-node{n}", "exited")
+                  for n in range(1, count)]
+        ranks.wait_for(exited, self.paths.markers, "harvest-nodes")
+        for node, path in enumerate(exited if report_failures else [], start=1):
+            if (outcome := path.read_text().strip()) != "0":
+                raise TMSError(f"node {node}'s share of the harvest failed: {outcome}")
+
+    def _harvest_launch(self) -> HarvestLaunch:
+        """Rank 0: how the harvest starts; with several nodes, the rendezvous that node 0 hosts
+        is published for the other nodes' leaders (`_harvest_share`)."""
+        count = nodes.num_nodes()
+        if count == 1:
+            return HarvestLaunch(ranks.world_size())
+        address, port = nodes.reachable_address(), free_port()
+        launch = HarvestLaunch(nodes.local_world_size(), count,
+                               f"[{address}]:{port}" if ":" in address else f"{address}:{port}",
+                               f"tms-harvest-{ranks.launch_id()}")
+        write_text_atomic(ranks.launch_file(self.paths.markers, "harvest", "rendezvous"),
+                          json.dumps(asdict(launch)))
+        return launch
+
+    def _harvest_share(self, harvest_dir: Path) -> None:
+        """The leader of a node other than rank 0's: when rank 0 starts the harvest (rather
+        than finding it done), start this node's processes of it at the same rendezvous."""
+        markers = self.paths.markers
+        published = ranks.launch_file(markers, "harvest", "rendezvous")
+        while not published.exists():
+            if ranks.released(markers, "harvest"):
+                return  # rank 0 found the harvest finished earlier
+            ranks.raise_if_failed(markers, "harvest")
+            ranks.run_wait_checks()
+            time.sleep(ranks.POLL_SECONDS)
+        launch = HarvestLaunch(**{**json.loads(published.read_text()),
+                                  "hosts_rendezvous": False})
+        node = nodes.node_rank()
+        exited = ranks.launch_file(markers, f"harvest-node{node}", "exited")
+        try:
+            run_harvest(harvest_dir / "harvest_config.yml", launch,
+                        harvest_dir / f"harvest-node{node}.log", check=self._harvest_check)
+        except BaseException as error:
+            write_text_atomic(exited, f"{type(error).__name__}: {error}\n")
+            raise
+        write_text_atomic(exited, "0\n")
 
     # -- stage 2: draws and regeneration ---------------------------------------------------
     def draw(self) -> DrawPlan:
@@ -578,6 +643,7 @@ def run_pipeline(cfg: Any, tms: TMSConfig, given: dict[str, Any] | None = None):
     ranks.agree_on_launch_id()
     if ranks.rank() == 0:
         ranks.forget_other_launches(pipeline.paths.markers)
+    nodes.NodeWatch.from_config(pipeline.paths.markers, tms.nodes).start()
     pipeline.check_sidecar_reachable()
     tokenizer = load_tokenizer(cfg)
     log = pipeline.log

@@ -33,6 +33,8 @@ DISTRIBUTED_ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", 
                         "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS")
 
 _launch_id: str | None = None
+# Called on every poll of a wait; raise to stop waiting (`nodes.NodeWatch.check`: a dead node).
+_wait_checks: list[Callable[[], None]] = []
 
 
 def rank() -> int:
@@ -123,19 +125,41 @@ def launch_id() -> str:
 
 
 def _failure_file(directory: Path, name: str) -> Path:
-    return directory / f"{name}.{launch_id()}.failed"
+    return launch_file(directory, name, "failed")
 
 
 def _release_file(directory: Path, name: str) -> Path:
-    return directory / f"{name}.{launch_id()}.ready"
+    return launch_file(directory, name, "ready")
+
+
+# Suffixes of the files that belong to one launch: `<name>.<launch id>.<suffix>`.
+LAUNCH_FILE_SUFFIXES = ("failed", "ready", "probe", "heartbeat", "rendezvous", "exited")
 
 
 def forget_other_launches(directory: Path) -> None:
     """Rank 0: remove markers of earlier launches (nobody reads them; they only pile up)."""
     current = launch_id()
-    for path in list(directory.glob("*.failed")) + list(directory.glob("*.ready")):
-        if path.name.rsplit(".", 2)[-2] != current:
-            path.unlink(missing_ok=True)
+    for suffix in LAUNCH_FILE_SUFFIXES:
+        for path in list(directory.glob(f"*.{suffix}")):
+            if path.name.rsplit(".", 2)[-2] != current:
+                path.unlink(missing_ok=True)
+
+
+def launch_file(directory: Path, name: str, suffix: str) -> Path:
+    """`directory/<name>.<launch id>.<suffix>`: a file of this launch only."""
+    assert suffix in LAUNCH_FILE_SUFFIXES, suffix
+    return directory / f"{name}.{launch_id()}.{suffix}"
+
+
+def raise_if_failed(directory: Path, name: str) -> None:
+    failure = _failure_file(directory, name)
+    if failure.exists():
+        raise TMSError(f"another rank failed in stage '{name}': {failure.read_text()}")
+
+
+def released(directory: Path, name: str) -> bool:
+    """Whether rank 0 has finished `main_does_then_all_wait(directory, name, ...)`."""
+    return _release_file(directory, name).exists()
 
 
 def record_failure(directory: Path, name: str, error: BaseException) -> None:
@@ -143,16 +167,29 @@ def record_failure(directory: Path, name: str, error: BaseException) -> None:
     _failure_file(directory, name).write_text(f"{type(error).__name__}: {error}")
 
 
+def add_wait_check(check: Callable[[], None]) -> None:
+    _wait_checks.append(check)
+
+
+def remove_wait_check(check: Callable[[], None]) -> None:
+    if check in _wait_checks:
+        _wait_checks.remove(check)
+
+
+def run_wait_checks() -> None:
+    for check in list(_wait_checks):
+        check()
+
+
 def wait_for(paths: list[Path], directory: Path, name: str,
              poll_seconds: float = POLL_SECONDS) -> None:
     """Block until every path exists; raise the same error as a rank of this launch that
-    failed in stage `name`."""
-    failure = _failure_file(directory, name)
+    failed in stage `name`, or the error of a wait check (a node that died)."""
     while True:
-        if failure.exists():
-            raise TMSError(f"another rank failed in stage '{name}': {failure.read_text()}")
+        raise_if_failed(directory, name)
         if all(path.exists() for path in paths):
             return
+        run_wait_checks()
         time.sleep(poll_seconds)
 
 

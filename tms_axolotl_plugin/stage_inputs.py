@@ -110,6 +110,9 @@ RULES: tuple[KeyRule, ...] = (
         "url", "transport", "host", "port", "allow_remote", "python", "cuda_visible_devices",
         "api_key", "startup_timeout_s", "request_timeout_s", "max_retries", "concurrency")), (),
         "where and how fast answers are generated (each answer has its own seed)"),
+    KeyRule(tuple(f"tms.nodes.{key}" for key in ("probe_timeout_s", "heartbeat_s",
+                                                 "dead_after_s")), (),
+            "how nodes check on each other"),
     KeyRule(("tms.pld.eval_steps", "tms.pld.max_examples", "tms.pld.max_overhead")
             + tuple(f"tms.retention.{key}" for key in (
                 "enabled", "prompts", "max_prompts", "max_new_tokens", "mc_path",
