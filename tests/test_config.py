@@ -189,3 +189,31 @@ def test_missing_multiple_choice_file_is_rejected(tmp_path, cfg_for):
     with pytest.raises(Exception) as excinfo:
         load(tmp_path, cfg_for(tms={"retention": {"mc_path": str(tmp_path / "mmlu.jsonl")}}))
     assert "mc_path" in str(excinfo.value) and "is not a file" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("gather", [False, None, "auto"])
+def test_zero3_without_gathered_16bit_weights_is_rejected_naming_the_key(tmp_path, cfg_for,
+                                                                       gather):
+    import json
+
+    zero = {"stage": 3}
+    if gather is not None:
+        zero["stage3_gather_16bit_weights_on_model_save"] = gather
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({"zero_optimization": zero, "train_batch_size": "auto"}))
+    with pytest.raises(Exception) as excinfo:
+        load(tmp_path, cfg_for(tms={}, deepspeed=str(path)))
+    assert "zero_optimization.stage3_gather_16bit_weights_on_model_save: true" in str(
+        excinfo.value)
+
+
+def test_zero3_with_gathered_16bit_weights_and_zero2_pass_the_harvest_check():
+    import json
+
+    from tms_axolotl_plugin.sharding import check_harvest_sharding
+
+    check_harvest_sharding({"deepspeed": {"zero_optimization": {
+        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}})
+    check_harvest_sharding({"deepspeed": json.dumps({"zero_optimization": {"stage": 2}})})
+    check_harvest_sharding({"deepspeed": "example_configs/deepspeed/zero2.json"})
+    check_harvest_sharding({})

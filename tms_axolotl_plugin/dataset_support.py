@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tms_axolotl_plugin.errors import TMSConfigError
+from tms_axolotl_plugin.sharding import check_harvest_sharding
 
 Kind = Literal["chat_template", "field", "segments"]
 
@@ -449,6 +450,7 @@ def check_config(config: Mapping[str, Any], harvest_child: bool = False) -> None
     check_run_kind(config)
     check_datasets(config.get("datasets"))
     check_training_settings(config, harvest_child)
+    check_harvest_sharding(config)
 
 
 def _escape(text: str) -> str:

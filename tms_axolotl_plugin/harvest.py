@@ -18,10 +18,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tms_axolotl_plugin.checkpoints import harvest_steps, list_checkpoints
+from tms_axolotl_plugin.checkpoints import has_weights, harvest_steps, list_checkpoints
 from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.logs import get_logger
 from tms_axolotl_plugin.ranks import clean_launch_env
+from tms_axolotl_plugin.sharding import save_whole_model
 from tms_axolotl_plugin.sidecar import free_port
 
 LOG = get_logger(__name__)
@@ -66,10 +67,13 @@ class HarvestCheckpointCallback(TrainerCallback):
 
     def _save(self, step: int) -> None:
         target = self.directory / f"checkpoint-{step}"
-        # save_model gathers sharded weights (DeepSpeed/FSDP), so every rank calls it.
-        self.trainer.save_model(str(target))
+        save_whole_model(self.trainer, target)  # a collective under FSDP/ZeRO-3: every rank
         self.saved.add(step)
         if self.trainer.is_world_process_zero():
+            if not has_weights(target):  # at the first checkpoint, not after the whole run
+                raise TMSError(f"tms harvest: {target} holds no model weights after saving "
+                               "(none of model.safetensors, adapter_model.safetensors); this "
+                               "training layout cannot give the checkpoints TMS needs")
             LOG.info("tms harvest: saved %s", target)
 
 
