@@ -516,3 +516,46 @@ def test_regenerate_records_the_sampling_settings_and_refuses_others(
     with pytest.raises(TMSError, match="sampled with"):
         regenerate(requests, checkpoint_paths, HFGenerator(4),
                    SamplingSettings(repetition_penalty=1.05), store)
+
+
+def test_vllm_engines_run_on_every_node_one_per_gpu_group():
+    from tms_axolotl_plugin.errors import TMSError
+    from tms_axolotl_plugin.regenerate import vllm_engine_ranks
+
+    assert vllm_engine_ranks(16, 8, 1) == list(range(16))  # 2 nodes x 8 GPUs
+    assert vllm_engine_ranks(16, 8, 2) == [0, 2, 4, 6, 8, 10, 12, 14]  # tensor parallel 2
+    assert vllm_engine_ranks(8, 8, 8) == [0]
+    with pytest.raises(TMSError, match="tms.sidecar.engines: one"):
+        vllm_engine_ranks(8, 8, 3)
+
+
+def test_an_engines_gpus_are_named_as_the_launcher_named_them():
+    from tms_axolotl_plugin.regenerate import engine_devices
+
+    assert engine_devices(10, 8, 2, None) == "2,3"  # node 1, local ranks 2 and 3
+    assert engine_devices(1, 4, 1, "4,5,6,7") == "5"
+    assert engine_devices(2, 4, 2, "GPU-a, GPU-b, GPU-c, GPU-d") == "GPU-c,GPU-d"
+
+
+def test_each_checkpoint_of_the_queue_goes_to_exactly_one_of_many_claimants(tmp_path):
+    import threading
+
+    from tms_axolotl_plugin.regenerate import checkpoint_queue
+
+    won: dict[int, list[int]] = {w: [] for w in range(4)}
+    start = threading.Barrier(4)
+
+    def claimant(worker: int) -> None:
+        claim = checkpoint_queue(lambda t: tmp_path / f"checkpoint{t}.claim", f"w{worker}")
+        start.wait()
+        won[worker] = [t for t in range(1, 41) if claim(t)]
+
+    threads = [threading.Thread(target=claimant, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(t for taken in won.values() for t in taken) == list(range(1, 41))
+    for worker, taken in won.items():
+        assert all((tmp_path / f"checkpoint{t}.claim").read_text() == f"w{worker}\n"
+                   for t in taken)

@@ -30,6 +30,7 @@ TMS_CHANGES = {
     "tms.schedule": "iterative",
     "tms.student_init": "last_checkpoint",
     "tms.turns": "last",
+    "tms.sidecar.engines": "one",
     "tms.generation.backend": "vllm",
     "tms.generation.temperature": 0.7,
     "tms.generation.top_p": 0.9,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -385,12 +387,14 @@ def test_unreachable_server_url_fails_before_any_training(tmp_path, tiny_model_d
 
 def test_full_pipeline_with_vllm_backend_and_full_weight_checkpoints(
         tmp_path, sidecar_python, tiny_model_dir, short_answer_data):
+    """Two processes, so two launched engines (`tms.sidecar.engines: per_gpu`), sharing the
+    three harvested checkpoints through the claim queue."""
     cfg = base_config(
         tiny_model_dir, short_answer_data, tmp_path / "out",
         sequence_len=256, micro_batch_size=1, num_epochs=1, learning_rate=6e-3,
         plugins=["tms_axolotl_plugin.TMSPlugin"],
         vllm={"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
-        tms={"num_checkpoints": 2, "seed": 2, "pld": {"enabled": False},
+        tms={"num_checkpoints": 3, "seed": 2, "pld": {"enabled": False},
              "retention": {"enabled": False},
              "generation": {"backend": "vllm", "max_new_tokens": 12},
              "sidecar": {"python": sidecar_python}},
@@ -431,12 +435,22 @@ def test_full_pipeline_with_vllm_backend_and_full_weight_checkpoints(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        proc = run_axolotl_train(write_config(tmp_path / "cfg.yml", cfg), timeout=1800)
+        proc = run_axolotl_train(write_config(tmp_path / "cfg.yml", cfg), timeout=1800,
+                                 launcher=[sys.executable, "-m", "torch.distributed.run",
+                                           "--standalone", "--nproc_per_node", "2", "-m",
+                                           "axolotl.cli.train"])
     finally:
         stop.set()
         watcher.join(timeout=60)
     assert_ok(proc)
-    assert seen and all("error" not in f for f in seen), seen
+    assert len(seen) >= 2 and all("error" not in f for f in seen), seen
+    # One engine per process, each with its own log; every checkpoint claimed by one of them.
+    tms_dir = tmp_path / "out" / "tms"
+    assert all(list((tms_dir / "sidecar" / f"rank{r}").glob("*.log")) for r in range(2))
+    claims = sorted(p.read_text() for p in (tms_dir / "markers").glob("regenerate-*.claim"))
+    assert len(claims) == 3 and set(claims) == {"rank 0\n", "rank 1\n"}, claims
+    counts = [int(n) for n in re.findall(r"rank \d: (\d+) answers generated", proc.stdout)]
+    assert len(counts) == 2 and all(counts), counts
     assert all(f["dev_mode"] == "1" for f in seen)  # full weights reloaded on the socket
     logs = "".join(p.read_text() for p in (tmp_path / "out" / "tms").rglob("*.log"))
     assert logs and not any(f["key"] in logs for f in seen), "the key was logged"
@@ -449,6 +463,84 @@ def test_full_pipeline_with_vllm_backend_and_full_weight_checkpoints(
                for r in read_jsonl(shard)]
     keys = Counter((r["prompt_key"], r["checkpoint"]) for r in records)
     assert records and max(keys.values()) == 1
-    assert {r["checkpoint"] for r in records} == {1, 2}
+    assert {r["checkpoint"] for r in records} == {1, 2, 3} and sum(counts) == len(records)
     assert stages["student"]["status"] == "done"
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_two_engines_answer_every_item_once_with_the_answers_of_one_engine(
+        tmp_path, sidecar_python, tiny_model_dir):
+    """Three full-weight checkpoints served by one engine, then by two engines that take whole
+    checkpoints from a shared queue (claim files) into one store, each with its own server."""
+    import shutil
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from tms_axolotl_plugin.label_store import LabelStore
+    from tms_axolotl_plugin.regenerate import checkpoint_queue, regenerate
+
+    paths = {t: shutil.copytree(tiny_model_dir, tmp_path / f"checkpoint-{t}") for t in (1, 2, 3)}
+    prompts = chat_prompts(AutoTokenizer.from_pretrained(tiny_model_dir),
+                           [f"Question {i}: tell me about the number {i}." for i in range(12)])
+    requests = [GenerationRequest(f"q{i}", t, ids, 16) for t in paths
+                for i, ids in enumerate(prompts)]
+    settings = {"greedy": SamplingSettings(greedy=True), "sampled": SamplingSettings()}
+
+    def answers(store_dir: Path) -> dict:
+        store = LabelStore(store_dir)
+        found = {(label.prompt_key, label.checkpoint): label
+                 for batch in store.iter_labels() for label in batch}
+        store.close()
+        return found
+
+    one = generator(tmp_path / "one", sidecar_python, tiny_model_dir)
+    try:
+        for name, sampling in settings.items():
+            regenerate(requests, paths, one, sampling, LabelStore(tmp_path / f"one-{name}"))
+    finally:
+        one.close()
+
+    engines = [generator(tmp_path / f"engine{w}", sidecar_python, tiny_model_dir)
+               for w in range(2)]
+    reports, errors = {}, []
+
+    def work(worker: int, name: str) -> None:
+        claim = checkpoint_queue(lambda t: tmp_path / f"{name}-checkpoint{t}.claim",
+                                 f"engine {worker}")
+        try:
+            reports[worker, name] = regenerate(
+                requests, paths, engines[worker], settings[name],
+                LabelStore(tmp_path / f"two-{name}"), worker, 2, claim=claim)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    try:
+        for name in settings:
+            threads = [threading.Thread(target=work, args=(w, name)) for w in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert not errors, errors
+    finally:
+        for engine in engines:
+            engine.close()
+    for name in settings:
+        split = [reports[w, name].generated for w in range(2)]
+        assert all(split) and sum(split) == len(requests), split  # both worked, none twice
+    # An engine loads a checkpoint once per claim at most: a start, then in-place reloads.
+    claimed = [sum(f.read_text() == f"engine {w}\n" for f in tmp_path.glob("*.claim"))
+               for w in range(2)]
+    loads = [[s.mechanism for s in engine.switches] for engine in engines]
+    assert all(len(m) <= c and m[0] == "initial-start" for m, c in zip(loads, claimed)), (
+        loads, claimed)
+    for name in settings:
+        alone, shared = answers(tmp_path / f"one-{name}"), answers(tmp_path / f"two-{name}")
+        assert set(alone) == set(shared) == {(r.prompt_key, r.checkpoint) for r in requests}
+        differ = sum(alone[k].text != shared[k].text for k in alone)
+        print(f"two engines vs one, {name}: {differ} of {len(requests)} answers differ")
+        if name == "greedy":
+            assert differ == 0
+        else:  # per-request seeds; another batch can move floating-point sums, rarely tokens
+            assert differ <= len(requests) // 6, f"{differ} of {len(requests)} differ"

@@ -246,6 +246,16 @@ class SidecarConfig(_Section):
         ge=0,
         description="Retries (with exponential backoff) of a failed request before giving up.",
     )
+    engines: Literal["per_gpu", "one"] = Field(
+        default="per_gpu",
+        description="Launched servers during regeneration. `per_gpu`: every process of the "
+        "job (on every node) launches its own server on its own GPU, or one per "
+        "`vllm.tensor_parallel_size` x `vllm.data_parallel_size` GPUs, and the work is spread "
+        "over them: full-weight checkpoints whole, from a shared queue (each engine loads a "
+        "checkpoint once), LoRA adapters item by item (every engine loads all). `one`: rank 0 "
+        "launches one server. A server at `url`, or one pinned by `cuda_visible_devices`, is "
+        "always one.",
+    )
     concurrency: int = Field(
         default=256,
         ge=1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Self
@@ -30,7 +31,10 @@ class AtomicFile:
 
     def __init__(self, path: Path, mode: int | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        # Unique per writer: processes on different machines (containers) can share a pid,
+        # and threads of one process do.
+        self.tmp = self.path.with_name(
+            f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                      0o666 if mode is None else mode)
         if mode is not None:

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from tms_axolotl_plugin.checkpoints import has_weights, harvest_steps, list_checkpoints
 from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.logs import get_logger
-from tms_axolotl_plugin.ranks import clean_launch_env
+from tms_axolotl_plugin.ranks import clean_launch_env, rank
 from tms_axolotl_plugin.sharding import save_whole_model
 from tms_axolotl_plugin.sidecar import free_port
 
@@ -69,7 +69,9 @@ class HarvestCheckpointCallback(TrainerCallback):
         target = self.directory / f"checkpoint-{step}"
         save_whole_model(self.trainer, target)  # a collective under FSDP/ZeRO-3: every rank
         self.saved.add(step)
-        if self.trainer.is_world_process_zero():
+        # Global rank 0 writes the checkpoint, so it checks; by the launcher's RANK, since the
+        # trainer's `is_world_process_zero` was seen True on rank 1 of a 2-process CPU harvest.
+        if rank() == 0:
             if not has_weights(target):  # at the first checkpoint, not after the whole run
                 raise TMSError(f"tms harvest: {target} holds no model weights after saving "
                                "(none of model.safetensors, adapter_model.safetensors); this "

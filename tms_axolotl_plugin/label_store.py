@@ -68,6 +68,7 @@ import json
 import numbers
 import os
 import re
+import uuid
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -579,7 +580,7 @@ def _empty_index() -> tuple[np.ndarray, np.ndarray]:
 
 def _write_index(path: Path, keys: np.ndarray, spans: np.ndarray) -> None:
     """Both arrays, one after the other in .npy format, durably under `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "wb") as handle:
             np.lib.format.write_array(handle, keys, allow_pickle=False)

@@ -52,7 +52,12 @@ from tms_axolotl_plugin.logs import get_logger
 from tms_axolotl_plugin.metrics import METRICS_ENV
 from tms_axolotl_plugin.mixture import MixtureStats, write_student_mixture
 from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
-from tms_axolotl_plugin.regenerate import regenerate
+from tms_axolotl_plugin.regenerate import (
+    checkpoint_queue,
+    engine_devices,
+    regenerate,
+    vllm_engine_ranks,
+)
 from tms_axolotl_plugin.run_summary import StageLog, fallback_warning
 from tms_axolotl_plugin.sidecar import free_port
 from tms_axolotl_plugin.stage_inputs import stage_fingerprints
@@ -497,28 +502,32 @@ class Pipeline:
         self.log.extra["answers_per_checkpoint"] = requests.per_checkpoint()
         store = LabelStore(self.paths.labels / self.generation_fp())
         work_fp = requests.work_fingerprint()
-        # The vLLM server batches everything itself: one client (rank 0) feeds it.
-        workers = 1 if self.tms.generation.backend == "vllm" else ranks.world_size()
+        generating = self._generating_ranks()
+        workers = len(generating)
         markers = [store.directory / f"done-{work_fp}-{r}-of-{workers}" for r in range(workers)]
         if all(m.exists() for m in markers):
             self._note("regenerate", f"skipped: all {len(requests)} answers stored "
                      f"({store.directory.name})")
             return store
-        if ranks.rank() < workers:
+        if ranks.rank() in generating:
+            worker = generating.index(ranks.rank())
+            by_checkpoint = (workers > 1 and self.tms.generation.backend == "vllm" and not any(
+                (path / "adapter_config.json").exists() for path in checkpoints.values()))
             backend = None
             try:
-                backend = self._backend()
+                backend = self._backend(engine_of_many=workers > 1)
                 g = self.tms.generation
                 report = regenerate(requests, checkpoints, backend,
-                                    SamplingSettings.from_config(g), store,
-                                    ranks.rank(), workers)
+                                    SamplingSettings.from_config(g), store, worker, workers,
+                                    claim=self._checkpoint_claims(work_fp) if by_checkpoint
+                                    else None)
             except BaseException as error:
                 ranks.record_failure(self.paths.markers, "regenerate", error)
                 raise
             finally:
                 if backend is not None:
                     backend.close()
-            markers[ranks.rank()].touch()
+            markers[worker].touch()
             _summary("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
                      f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
                      f"{report.already_stored} already stored")
@@ -528,7 +537,28 @@ class Pipeline:
                       "count in the log)")
         return store
 
-    def _backend(self):
+    def _generating_ranks(self) -> list[int]:
+        """The ranks that generate: all with `hf`; with `vllm`, those that run an engine."""
+        g, s = self.tms.generation, self.tms.sidecar
+        if g.backend == "hf":
+            return list(range(ranks.world_size()))
+        if s.url or s.engines == "one" or s.cuda_visible_devices is not None:
+            return [0]  # one server; its client batches everything
+        return vllm_engine_ranks(ranks.world_size(), nodes.local_world_size(),
+                                 self._gpus_per_engine())
+
+    def _gpus_per_engine(self) -> int:
+        engine = self.cfg.vllm or {}
+        return int(engine.get("tensor_parallel_size") or 1) * int(
+            engine.get("data_parallel_size") or 1)
+
+    def _checkpoint_claims(self, work_fp: str):
+        """The engines' shared queue of whole checkpoints: claim files of this launch."""
+        return checkpoint_queue(lambda checkpoint: ranks.launch_file(
+            self.paths.markers, f"regenerate-{work_fp[:16]}-checkpoint{checkpoint}", "claim"),
+            f"rank {ranks.rank()}")
+
+    def _backend(self, engine_of_many: bool = False):
         g = self.tms.generation
         if g.backend == "hf":
             from tms_axolotl_plugin.generation import HFGenerator
@@ -542,7 +572,19 @@ class Pipeline:
             return HFGenerator(g.batch_size, dtype=dtype, base_model=self.cfg.base_model)
         from tms_axolotl_plugin.vllm_backend import VLLMGenerator
 
-        return VLLMGenerator.from_config(self.cfg, self.tms, self.paths.root / "sidecar")
+        if not engine_of_many:
+            return VLLMGenerator.from_config(self.cfg, self.tms, self.paths.root / "sidecar")
+        s = self.tms.sidecar
+        if s.port is not None and nodes.local_world_size() > self._gpus_per_engine():
+            raise TMSError(f"tms.sidecar.port: {s.port} is fixed, but each node runs several "
+                           "vLLM engines (tms.sidecar.engines: per_gpu); unset the port (a free "
+                           "one is taken per engine) or set tms.sidecar.engines: one")
+        devices = engine_devices(ranks.rank(), nodes.local_world_size(),
+                                 self._gpus_per_engine(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        tms = self.tms.model_copy(update={"sidecar": s.model_copy(
+            update={"cuda_visible_devices": devices})})
+        return VLLMGenerator.from_config(self.cfg, tms,
+                                         self.paths.root / "sidecar" / f"rank{ranks.rank()}")
 
     def check_sidecar_reachable(self) -> None:
         """A user-provided server that is down must fail the run before any training."""

@@ -133,7 +133,8 @@ def _release_file(directory: Path, name: str) -> Path:
 
 
 # Suffixes of the files that belong to one launch: `<name>.<launch id>.<suffix>`.
-LAUNCH_FILE_SUFFIXES = ("failed", "ready", "probe", "heartbeat", "rendezvous", "exited")
+LAUNCH_FILE_SUFFIXES = ("failed", "ready", "probe", "heartbeat", "rendezvous", "exited",
+                        "claim")
 
 
 def forget_other_launches(directory: Path) -> None:

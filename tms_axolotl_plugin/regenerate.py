@@ -1,19 +1,24 @@
 """The regenerate stage: each needed checkpoint answers its drawn prompts, into the LabelStore.
 
-Work is split across ranks by item (a hash of prompt and checkpoint), so no item is generated
-twice and a restart on any number of ranks redoes only what the store lacks. Which items are
+Work is split across workers by item (a hash of prompt and checkpoint), or, for vLLM engines
+serving full weights, by whole checkpoints taken from a queue the workers share (claim files),
+so no item is generated twice and a restart on any number of workers redoes only what the
+store lacks. Which items are
 left is decided on keys alone, in batches; a request's token ids are read only as it is sent.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from tms_axolotl_plugin.errors import TMSError
 from tms_axolotl_plugin.generation import (
     GenerationBackend,
     GenerationRequest,
@@ -50,6 +55,61 @@ def owned(keys: list[str], checkpoint: int, rank: int, world_size: int) -> np.nd
 CHECK_BATCH = 4096  # items looked up in the store at once
 
 
+def vllm_engine_ranks(world_size: int, local_world_size: int, gpus_per_engine: int) -> list[int]:
+    """The ranks that each run a vLLM engine on their own GPUs: on every node, one per
+    `gpus_per_engine` consecutive local ranks."""
+    if local_world_size % gpus_per_engine:
+        raise TMSError(
+            f"{local_world_size} processes per node cannot be split into vLLM engines of "
+            f"{gpus_per_engine} GPUs (vllm.tensor_parallel_size x vllm.data_parallel_size); "
+            "make it divide the GPUs per node, or set tms.sidecar.engines: one")
+    return [r for r in range(world_size) if (r % local_world_size) % gpus_per_engine == 0]
+
+
+def engine_devices(rank: int, local_world_size: int, gpus_per_engine: int,
+                   visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the engine of `rank`: its local GPUs, named as the launcher
+    named them (an outer CUDA_VISIBLE_DEVICES maps local index i to its i-th entry)."""
+    local = rank % local_world_size
+    indices = range(local, local + gpus_per_engine)
+    if visible:
+        names = [name.strip() for name in visible.split(",") if name.strip()]
+        if len(names) >= local + gpus_per_engine:
+            return ",".join(names[i] for i in indices)
+    return ",".join(str(i) for i in indices)
+
+
+def checkpoint_queue(claim_file: Callable[[int], Path], owner: str) -> Callable[[int], bool]:
+    """`claim(checkpoint)` for `regenerate`: True for the first worker to create the
+    checkpoint's claim file (O_EXCL: atomic on local and network filesystems alike)."""
+    def claim(checkpoint: int) -> bool:
+        try:
+            fd = os.open(claim_file(checkpoint), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        os.write(fd, f"{owner}\n".encode())
+        os.close(fd)
+        return True
+
+    return claim
+
+
+def _left(requests: RequestSet, checkpoint: int, store: LabelStore, rank: int,
+          world_size: int) -> tuple[int, np.ndarray]:
+    """(items of `checkpoint` this worker owns, those of them the store does not hold)."""
+    indices = requests.indices_of(checkpoint)
+    mine, left = 0, []
+    for start in range(0, len(indices), CHECK_BATCH):
+        chunk = indices[start: start + CHECK_BATCH]
+        keys = requests.prompt_keys(chunk)
+        ours = owned(keys, checkpoint, rank, world_size)
+        stored = np.asarray(store.contains(
+            [(k, checkpoint) for k, o in zip(keys, ours, strict=True) if o]), dtype=bool)
+        mine += int(ours.sum())
+        left.append(chunk[ours][~stored] if len(stored) else chunk[:0])
+    return mine, np.concatenate(left) if left else indices[:0]
+
+
 def regenerate(
     requests: RequestSet | list[GenerationRequest],
     checkpoint_paths: dict[int, Path],
@@ -58,33 +118,51 @@ def regenerate(
     store: LabelStore,
     rank: int = 0,
     world_size: int = 1,
+    claim: Callable[[int], bool] | None = None,
 ) -> RegenerationReport:
-    """Generate this rank's share of `requests` that the store does not hold yet. Requests are
-    made as the backend takes them; answers go to the store batch by batch."""
+    """Generate this worker's share of `requests` that the store does not hold yet. Requests
+    are made as the backend takes them; answers go to the store batch by batch.
+
+    The share: items whose hash falls to `rank` of `world_size`; or, with `claim`, every item
+    of each checkpoint that `claim(checkpoint)` grants (a queue of whole checkpoints shared by
+    the workers: an engine serving full weights loads each checkpoint it answers once)."""
     if isinstance(requests, list):
         requests = ListedRequests(requests)
     store.record_sampling(settings.as_dict())  # refuses a store sampled with other settings
-    todo: dict[int, np.ndarray] = {}
-    mine = 0
-    for checkpoint in requests.checkpoints():
-        indices = requests.indices_of(checkpoint)
-        left = []
-        for start in range(0, len(indices), CHECK_BATCH):
-            chunk = indices[start: start + CHECK_BATCH]
-            keys = requests.prompt_keys(chunk)
-            ours = owned(keys, checkpoint, rank, world_size)
-            stored = np.asarray(store.contains(
-                [(k, checkpoint) for k, o in zip(keys, ours, strict=True) if o]), dtype=bool)
-            mine += int(ours.sum())
-            left.append(chunk[ours][~stored] if len(stored) else chunk[:0])
-        todo[checkpoint] = np.concatenate(left) if left else indices[:0]
-    total = sum(len(t) for t in todo.values())
-    report = RegenerationReport(mine, mine - total, 0, 0, 0.0)
-    if not total:
-        return report
+    report = RegenerationReport(0, 0, 0, 0, 0.0)
     started = time.perf_counter()
-    checkpoints = [t for t in todo if len(todo[t])]
-    jobs = [(checkpoint_paths[t], requests.iter_requests(todo[t])) for t in checkpoints]
+    if claim is None:
+        todo = {}
+        for checkpoint in requests.checkpoints():
+            mine, todo[checkpoint] = _left(requests, checkpoint, store, rank, world_size)
+            report.requested += mine
+        total = sum(len(t) for t in todo.values())
+        report.already_stored = report.requested - total
+        checkpoints = [t for t in todo if len(todo[t])]
+        jobs = [(checkpoint_paths[t], requests.iter_requests(todo[t])) for t in checkpoints]
+        _generate(jobs, backend, settings, store, rank, report, total, checkpoints[-1:])
+    else:
+        for checkpoint in requests.checkpoints():
+            if not claim(checkpoint):
+                continue
+            mine, left = _left(requests, checkpoint, store, 0, 1)
+            report.requested += mine
+            report.already_stored += mine - len(left)
+            if len(left):
+                LOG.info("tms regenerate [rank %d]: checkpoint %d, %d answers", rank,
+                         checkpoint, len(left))
+                _generate([(checkpoint_paths[checkpoint], requests.iter_requests(left))],
+                          backend, settings, store, rank, report, len(left), [checkpoint])
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _generate(jobs, backend: GenerationBackend, settings: SamplingSettings, store: LabelStore,
+              rank: int, report: RegenerationReport, total: int, last: list[int]) -> None:
+    if not total:
+        return
+    started = time.perf_counter()
+    generated_tokens = report.generated_tokens
     with tqdm(total=total, desc=f"tms regenerate [rank {rank}]", unit="answer",
               dynamic_ncols=True) as progress:
         for labels in backend.generate_many(jobs, settings):
@@ -94,7 +172,5 @@ def regenerate(
             progress.update(len(labels))
             elapsed = time.perf_counter() - started
             progress.set_postfix_str(
-                f"checkpoint {labels[-1].checkpoint}/{checkpoints[-1]}, "
-                f"{report.generated_tokens / max(elapsed, 1e-9):.0f} tok/s")
-    report.seconds = time.perf_counter() - started
-    return report
+                f"checkpoint {labels[-1].checkpoint}/{last[-1]}, "
+                f"{(report.generated_tokens - generated_tokens) / max(elapsed, 1e-9):.0f} tok/s")

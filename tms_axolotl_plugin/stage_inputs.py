@@ -108,7 +108,8 @@ RULES: tuple[KeyRule, ...] = (
         "engine capacity, memory and placement"),
     KeyRule(("tms.generation.batch_size",) + tuple(f"tms.sidecar.{key}" for key in (
         "url", "transport", "host", "port", "allow_remote", "python", "cuda_visible_devices",
-        "api_key", "startup_timeout_s", "request_timeout_s", "max_retries", "concurrency")), (),
+        "api_key", "startup_timeout_s", "request_timeout_s", "max_retries", "concurrency",
+        "engines")), (),
         "where and how fast answers are generated (each answer has its own seed)"),
     KeyRule(tuple(f"tms.nodes.{key}" for key in ("probe_timeout_s", "heartbeat_s",
                                                  "dead_after_s")), (),
