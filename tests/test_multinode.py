@@ -37,11 +37,14 @@ def make_config(workdir: Path, model_dir: Path, data: Path, output_dir: Path | N
     return write_config(workdir / "cfg.yml", cfg)
 
 
-def agent(config: Path, log: Path, *, nnodes: int, nproc: int, port: int) -> subprocess.Popen:
-    """One torchrun agent (a "node") running `axolotl train` on `config`."""
+def agent(config: Path, log: Path, *, nnodes: int, nproc: int, port: int,
+          hosts_store: bool = True) -> subprocess.Popen:
+    """One torchrun agent (a "node") running `axolotl train` on `config`. Of several, the one
+    with `hosts_store` hosts the launcher's rendezvous store, as node 0 of a cluster does."""
     rendezvous = (["--nnodes", "1", "--standalone"] if nnodes == 1 else
                   ["--nnodes", str(nnodes), "--rdzv-backend", "c10d",
-                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}"])
+                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}",
+                   "--rdzv-conf", f"is_host={str(hosts_store).lower()}"])
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc_per_node",
@@ -51,9 +54,11 @@ def agent(config: Path, log: Path, *, nnodes: int, nproc: int, port: int) -> sub
 
 
 def two_nodes(configs: list[Path], workdir: Path) -> list[subprocess.Popen]:
+    # c10d numbers the nodes by (address, agent pid): on one host the agent started first is
+    # node 0, and it hosts the store, as node 0 of a cluster would.
     port = free_port()
-    return [agent(config, workdir / f"node{n}.log", nnodes=2, nproc=1, port=port)
-            for n, config in enumerate(configs)]
+    return [agent(config, workdir / f"node{n}.log", nnodes=2, nproc=1, port=port,
+                  hosts_store=n == 0) for n, config in enumerate(configs)]
 
 
 def finish(processes: list[subprocess.Popen], timeout: float) -> list[int]:
