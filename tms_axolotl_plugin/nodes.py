@@ -162,11 +162,6 @@ class NodeWatch:
                     "shared filesystem; stopping this node too. Run the same command again "
                     "once all nodes are up: finished stages are kept.")
 
-    def stop(self) -> None:
-        self._stop.set()
-        ranks.remove_wait_check(self.check)
-
-
 def _appear(paths: list[Path], timeout_s: float, poll_s: float = 0.5) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:

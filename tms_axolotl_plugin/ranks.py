@@ -172,11 +172,6 @@ def add_wait_check(check: Callable[[], None]) -> None:
     _wait_checks.append(check)
 
 
-def remove_wait_check(check: Callable[[], None]) -> None:
-    if check in _wait_checks:
-        _wait_checks.remove(check)
-
-
 def run_wait_checks() -> None:
     for check in list(_wait_checks):
         check()
