@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import base_config, write_config
+from tms_axolotl_plugin.config import TMSConfig
 
 PLUGIN = "tms_axolotl_plugin.TMSPlugin"
 
@@ -88,6 +89,16 @@ BAD_VALUES = [
     ({"sidecar": {"url": "http://127.0.0.1:8000", "transport": "uds"}},
      ["tms.sidecar.transport: uds applies to a server the plugin launches", "tms.sidecar.url"]),
     ({"sidecar": {"transport": "tcp", "host": "[::1"}}, ["tms.sidecar.host", "[::1", "not a host"]),
+    ({"sidecar": {"urls": ["http://127.0.0.1:8000", "127.0.0.1:8001"]}},
+     ["tms.sidecar.urls", "127.0.0.1:8001", "http(s)://host[:port]"]),
+    ({"sidecar": {"urls": ["http://127.0.0.1:8000", "http://127.0.0.1:8000/"]}},
+     ["tms.sidecar.urls", "http://127.0.0.1:8000 more than once"]),
+    ({"sidecar": {"url": "http://127.0.0.1:8000", "urls": ["http://127.0.0.1:8001"]}},
+     ["tms.sidecar.url and tms.sidecar.urls", "remove tms.sidecar.url"]),
+    ({"sidecar": {"urls": ["http://127.0.0.1:8000", "http://10.1.2.4:8000"]}},
+     ["tms.sidecar.urls", "10.1.2.4", "allow_remote"]),
+    ({"sidecar": {"urls": ["http://127.0.0.1:8000"], "transport": "uds"}},
+     ["tms.sidecar.transport: uds applies to a server the plugin launches", "tms.sidecar.urls"]),
 ]
 # Server settings the plugin owns cannot be overridden through extra_args / env.
 PROTECTED = [
@@ -134,6 +145,11 @@ def test_launched_server_defaults_to_the_private_socket_and_a_url_to_tcp(tmp_pat
     assert load(tmp_path, cfg_for(tms={})).tms["sidecar"]["transport"] == "uds"
     url = load(tmp_path, cfg_for(tms={"sidecar": {"url": "http://[::1]:8000"}}))
     assert url.tms["sidecar"]["transport"] == "tcp"
+    urls = load(tmp_path, cfg_for(tms={"sidecar": {"urls": ["http://[::1]:8000/",
+                                                            "http://127.0.0.1:8001"]}}))
+    assert urls.tms["sidecar"]["transport"] == "tcp"
+    assert urls.tms["sidecar"]["urls"] == ["http://[::1]:8000", "http://127.0.0.1:8001"]
+    assert TMSConfig.model_validate(urls.tms).sidecar.servers == urls.tms["sidecar"]["urls"]
     ipv6 = load(tmp_path, cfg_for(tms={"sidecar": {"transport": "tcp", "host": "[::1]"}}))
     assert ipv6.tms["sidecar"]["host"] == "::1"
     harmless = ["--max-num-seqs", "8", "--kv-cache-dtype=fp8", "--hf-overrides", "{}"]

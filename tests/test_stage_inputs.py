@@ -43,6 +43,7 @@ TMS_CHANGES = {
     "tms.generation.all_checkpoints": True,
     "tms.generation.batch_size": 4,
     "tms.sidecar.url": "http://127.0.0.1:8000",
+    "tms.sidecar.urls": ["http://127.0.0.1:8000", "http://127.0.0.1:8001"],
     "tms.sidecar.transport": "uds",
     "tms.sidecar.host": "::1",
     "tms.sidecar.port": 8001,

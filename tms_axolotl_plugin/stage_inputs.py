@@ -107,7 +107,7 @@ RULES: tuple[KeyRule, ...] = (
         "enable_prefix_caching", "enforce_eager", "host", "port", "device")), (),
         "engine capacity, memory and placement"),
     KeyRule(("tms.generation.batch_size",) + tuple(f"tms.sidecar.{key}" for key in (
-        "url", "transport", "host", "port", "allow_remote", "python", "cuda_visible_devices",
+        "url", "urls", "transport", "host", "port", "allow_remote", "python", "cuda_visible_devices",
         "api_key", "startup_timeout_s", "request_timeout_s", "max_retries", "concurrency",
         "engines")), (),
         "where and how fast answers are generated (each answer has its own seed)"),

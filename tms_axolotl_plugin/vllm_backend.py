@@ -56,10 +56,11 @@ PENDING_BATCHES = 4  # batches the caller may fall behind before the window stop
 API_KEY_ENV = "TMS_SIDECAR_API_KEY"
 
 
-def user_server_endpoint(settings) -> Endpoint:
-    """The server at `tms.sidecar.url`; its key from the config, else (containers) the
-    environment."""
-    return Endpoint(settings.url or "", api_key=settings.api_key or os.environ.get(API_KEY_ENV))
+def user_server_endpoint(settings, url: str | None = None) -> Endpoint:
+    """The user-run server at `url` (default: `tms.sidecar.url`); its key from the config, else
+    (containers) the environment."""
+    return Endpoint(url or settings.url or "",
+                    api_key=settings.api_key or os.environ.get(API_KEY_ENV))
 
 
 @dataclass
