@@ -537,25 +537,34 @@ def test_an_engines_gpus_are_named_as_the_launcher_named_them():
     assert engine_devices(2, 4, 2, "GPU-a, GPU-b, GPU-c, GPU-d") == "GPU-c,GPU-d"
 
 
-def test_each_checkpoint_of_the_queue_goes_to_exactly_one_of_many_claimants(tmp_path):
-    import threading
+@pytest.mark.parametrize("counts,workers", [
+    ([(t, 40) for t in range(1, 11)], 8),             # T=10 on 8 engines
+    ([(t, 1000 + 7 * (t % 3) - 9 * (t % 2)) for t in range(1, 11)], 8),  # ... as drawn
+    ([(t, 40) for t in range(1, 5)], 8),              # fewer checkpoints than engines
+    ([(1, 7), (2, 300), (3, 1), (4, 55), (6, 13)], 3),  # uneven checkpoints
+    ([(1, 5)], 8),                                    # fewer items than engines
+])
+def test_checkpoint_spans_partition_the_items_evenly_over_few_checkpoints(counts, workers):
+    import math
 
-    from tms_axolotl_plugin.regenerate import checkpoint_queue
+    from tms_axolotl_plugin.regenerate import checkpoint_spans
 
-    won: dict[int, list[int]] = {w: [] for w in range(4)}
-    start = threading.Barrier(4)
-
-    def claimant(worker: int) -> None:
-        claim = checkpoint_queue(lambda t: tmp_path / f"checkpoint{t}.claim", f"w{worker}")
-        start.wait()
-        won[worker] = [t for t in range(1, 41) if claim(t)]
-
-    threads = [threading.Thread(target=claimant, args=(w,)) for w in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(t for taken in won.values() for t in taken) == list(range(1, 41))
-    for worker, taken in won.items():
-        assert all((tmp_path / f"checkpoint{t}.claim").read_text() == f"w{worker}\n"
-                   for t in taken)
+    shares = [checkpoint_spans(counts, w, workers) for w in range(workers)]
+    covered = {t: [] for t, _ in counts}
+    for share in shares:
+        for t, start, stop in share:
+            covered[t].append((start, stop))
+    for t, n in counts:  # every item of every checkpoint exactly once
+        positions = sorted(p for start, stop in covered[t] for p in range(start, stop))
+        assert positions == list(range(n)), (t, covered[t])
+    sizes = [sum(stop - start for _, start, stop in share) for share in shares]
+    mean = sum(sizes) / workers
+    assert max(sizes) <= 1.1 * mean + 1 and min(sizes) >= 0.9 * mean - 1, sizes
+    # Loads in all: each checkpoint once, plus one per span boundary inside a checkpoint.
+    assert sum(map(len, shares)) <= len(counts) + workers - 1, shares
+    sizes_of = [n for _, n in counts]
+    if max(sizes_of) <= 1.04 * min(sizes_of):  # nearly equal checkpoints: few loads each
+        most = math.ceil(len(counts) / workers) + 1
+        assert all(len(share) <= most for share in shares), shares
+    if len(counts) == 10 and workers == 8:
+        assert max(len(share) for share in shares) == 2  # at most two loads per engine

@@ -200,9 +200,10 @@ class SidecarConfig(_Section):
     urls: list[str] = Field(
         default_factory=list,
         description="Base URLs of several already running vLLM servers, used together like "
-        "the engines the plugin launches: full-weight checkpoints whole from a shared queue "
-        "(each server switches in place, so each needs VLLM_SERVER_DEV_MODE=1), LoRA adapters "
-        "item by item (every server loads all). Server i is driven by process i modulo the "
+        "the engines the plugin launches: full-weight checkpoints split into equal spans of "
+        "answers in checkpoint order (each server switches in place to the few checkpoints of "
+        "its span, so each needs VLLM_SERVER_DEV_MODE=1), LoRA adapters item by item (every "
+        "server loads all). Server i is driven by process i modulo the "
         "job's process count. Use instead of `url`, not with it.",
     )
     transport: Literal["uds", "tcp"] | None = Field(
@@ -277,8 +278,9 @@ class SidecarConfig(_Section):
         description="Launched servers during regeneration. `per_gpu`: every process of the "
         "job (on every node) launches its own server on its own GPU, or one per "
         "`vllm.tensor_parallel_size` x `vllm.data_parallel_size` GPUs, and the work is spread "
-        "over them: full-weight checkpoints whole, from a shared queue (each engine loads a "
-        "checkpoint once), LoRA adapters item by item (every engine loads all). `one`: rank 0 "
+        "over them: full-weight checkpoints as equal spans of the answers in checkpoint order "
+        "(each engine loads the few checkpoints of its span, each once; T=10 on 8 engines: at "
+        "most two), LoRA adapters item by item (every engine loads all). `one`: rank 0 "
         "launches one server. A server at `url`, or one pinned by `cuda_visible_devices`, is "
         "always one; servers at `urls` are used as they are.",
     )

@@ -53,7 +53,6 @@ from tms_axolotl_plugin.metrics import METRICS_ENV
 from tms_axolotl_plugin.mixture import MixtureStats, write_student_mixture
 from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import (
-    checkpoint_queue,
     engine_devices,
     regenerate_workers,
     vllm_engine_ranks,
@@ -526,7 +525,7 @@ class Pipeline:
                 regenerate_workers(
                     mine, workers, lambda worker: self._backend(worker if workers > 1 else None),
                     requests, checkpoints, SamplingSettings.from_config(self.tms.generation),
-                    store, self._checkpoint_claims(work_fp) if by_checkpoint else None, done)
+                    store, by_checkpoint, done)
             except BaseException as error:
                 ranks.record_failure(self.paths.markers, "regenerate", error)
                 raise
@@ -553,12 +552,6 @@ class Pipeline:
         engine = self.cfg.vllm or {}
         return int(engine.get("tensor_parallel_size") or 1) * int(
             engine.get("data_parallel_size") or 1)
-
-    def _checkpoint_claims(self, work_fp: str):
-        """The engines' shared queue of whole checkpoints: claim files of this launch."""
-        return checkpoint_queue(lambda checkpoint: ranks.launch_file(
-            self.paths.markers, f"regenerate-{work_fp[:16]}-checkpoint{checkpoint}", "claim"),
-            f"rank {ranks.rank()}")
 
     def _backend(self, worker: int | None = None):
         """The generator of this worker; None: the only one."""

@@ -133,8 +133,7 @@ def _release_file(directory: Path, name: str) -> Path:
 
 
 # Suffixes of the files that belong to one launch: `<name>.<launch id>.<suffix>`.
-LAUNCH_FILE_SUFFIXES = ("failed", "ready", "probe", "heartbeat", "rendezvous", "exited",
-                        "claim")
+LAUNCH_FILE_SUFFIXES = ("failed", "ready", "probe", "heartbeat", "rendezvous", "exited")
 
 
 def forget_other_launches(directory: Path) -> None:

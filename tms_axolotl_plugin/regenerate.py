@@ -1,15 +1,15 @@
 """The regenerate stage: each needed checkpoint answers its drawn prompts, into the LabelStore.
 
 Work is split across workers by item (a hash of prompt and checkpoint), or, for vLLM engines
-serving full weights, by whole checkpoints taken from a queue the workers share (claim files),
-so no item is generated twice and a restart on any number of workers redoes only what the
-store lacks. Which items are
-left is decided on keys alone, in batches; a request's token ids are read only as it is sent.
+serving full weights, by contiguous spans of the items in checkpoint order (`checkpoint_spans`):
+every worker gets the same number of items, and a span covers few checkpoints, each of which the
+engine loads once. No item is generated twice, and a restart on any number of workers redoes
+only what the store lacks. Which items are left is decided on keys alone, in batches; a
+request's token ids are read only as it is sent.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -81,25 +81,49 @@ def engine_devices(rank: int, local_world_size: int, gpus_per_engine: int,
     return ",".join(str(i) for i in indices)
 
 
-def checkpoint_queue(claim_file: Callable[[int], Path], owner: str) -> Callable[[int], bool]:
-    """`claim(checkpoint)` for `regenerate`: True for the first worker to create the
-    checkpoint's claim file (O_EXCL: atomic on local and network filesystems alike)."""
-    def claim(checkpoint: int) -> bool:
-        try:
-            fd = os.open(claim_file(checkpoint), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        os.write(fd, f"{owner}\n".encode())
-        os.close(fd)
-        return True
+SPAN_SNAP = 0.05  # a share boundary this close to a checkpoint's edge (in shares) moves there
 
-    return claim
+
+def checkpoint_spans(counts: list[tuple[int, int]], worker: int,
+                     workers: int) -> list[tuple[int, int, int]]:
+    """Worker `worker`'s share of all items laid end to end in checkpoint order, as
+    (checkpoint, start, stop) positions within each checkpoint's items. `counts` is
+    [(checkpoint, items)] in that order.
+
+    The shares partition the items into equal parts, except that a boundary within SPAN_SNAP of
+    a share from a checkpoint's edge moves onto it, so that no engine loads a checkpoint for a
+    sliver of its items (draws make checkpoints only nearly equal): shares differ from the mean
+    by at most 2 x SPAN_SNAP (balance <= 1.1). All shares together load each checkpoint once,
+    plus once per boundary inside one; with checkpoints of nearly equal size a share covers at
+    most ceil(T / workers) + 1 of them (T=10 on 8 engines: two). The split depends on `counts`
+    alone, so every worker computes the same one."""
+    edges = np.cumsum([0] + [n for _, n in counts])
+    total = int(edges[-1])
+
+    def boundary(w: int) -> int:
+        ideal = w * total // workers
+        if 0 < w < workers:
+            nearest = int(edges[np.abs(edges - ideal).argmin()])
+            if abs(nearest - ideal) <= SPAN_SNAP * total / workers:
+                return nearest
+        return ideal
+
+    low, high = boundary(worker), boundary(worker + 1)
+    spans = []
+    for (checkpoint, n), offset in zip(counts, edges[:-1].tolist(), strict=True):
+        start, stop = max(low - offset, 0), min(high - offset, n)
+        if start < stop:
+            spans.append((checkpoint, start, stop))
+    return spans
 
 
 def _left(requests: RequestSet, checkpoint: int, store: LabelStore, rank: int,
-          world_size: int) -> tuple[int, np.ndarray]:
-    """(items of `checkpoint` this worker owns, those of them the store does not hold)."""
+          world_size: int, span: tuple[int, int] | None = None) -> tuple[int, np.ndarray]:
+    """(items of `checkpoint` this worker owns, those of them the store does not hold). Owned:
+    by hash, or with `span` the items at those positions."""
     indices = requests.indices_of(checkpoint)
+    if span is not None:
+        indices, rank, world_size = indices[span[0]: span[1]], 0, 1
     mine, left = 0, []
     for start in range(0, len(indices), CHECK_BATCH):
         chunk = indices[start: start + CHECK_BATCH]
@@ -120,41 +144,38 @@ def regenerate(
     store: LabelStore,
     rank: int = 0,
     world_size: int = 1,
-    claim: Callable[[int], bool] | None = None,
+    by_checkpoint: bool = False,
+    stop: Callable[[], bool] = lambda: False,
 ) -> RegenerationReport:
     """Generate this worker's share of `requests` that the store does not hold yet. Requests
-    are made as the backend takes them; answers go to the store batch by batch.
+    are made as the backend takes them; answers go to the store batch by batch. Once `stop()`
+    is true, no more answers are stored and TMSError is raised.
 
-    The share: items whose hash falls to `rank` of `world_size`; or, with `claim`, every item
-    of each checkpoint that `claim(checkpoint)` grants (a queue of whole checkpoints shared by
-    the workers: an engine serving full weights loads each checkpoint it answers once)."""
+    The share: items whose hash falls to `rank` of `world_size`; or, `by_checkpoint`, the
+    worker's span of the items in checkpoint order (`checkpoint_spans`), so that an engine
+    serving full weights loads few checkpoints, each once."""
     if isinstance(requests, list):
         requests = ListedRequests(requests)
     store.record_sampling(settings.as_dict())  # refuses a store sampled with other settings
     report = RegenerationReport(0, 0, 0, 0, 0.0)
     started = time.perf_counter()
-    if claim is None:
-        todo = {}
-        for checkpoint in requests.checkpoints():
-            mine, todo[checkpoint] = _left(requests, checkpoint, store, rank, world_size)
-            report.requested += mine
-        total = sum(len(t) for t in todo.values())
-        report.already_stored = report.requested - total
-        checkpoints = [t for t in todo if len(todo[t])]
-        jobs = [(checkpoint_paths[t], requests.iter_requests(todo[t])) for t in checkpoints]
-        _generate(jobs, backend, settings, store, rank, report, total, checkpoints[-1:])
-    else:
-        for checkpoint in requests.checkpoints():
-            if not claim(checkpoint):
-                continue
-            mine, left = _left(requests, checkpoint, store, 0, 1)
-            report.requested += mine
-            report.already_stored += mine - len(left)
-            if len(left):
-                LOG.info("tms regenerate [worker %d]: checkpoint %d, %d answers", rank,
-                         checkpoint, len(left))
-                _generate([(checkpoint_paths[checkpoint], requests.iter_requests(left))],
-                          backend, settings, store, rank, report, len(left), [checkpoint])
+    spans = {}
+    if by_checkpoint:
+        counts = list(requests.per_checkpoint().items())
+        spans = {t: (start, end) for t, start, end in checkpoint_spans(counts, rank, world_size)}
+    todo = {}
+    for checkpoint in (spans or requests.checkpoints()):
+        mine, todo[checkpoint] = _left(requests, checkpoint, store, rank, world_size,
+                                       spans.get(checkpoint))
+        report.requested += mine
+    total = sum(len(t) for t in todo.values())
+    report.already_stored = report.requested - total
+    checkpoints = [t for t in todo if len(todo[t])]
+    if spans:
+        LOG.info("tms regenerate [worker %d]: %d answers of checkpoint(s) %s", rank, total,
+                 ", ".join(map(str, checkpoints)) or "none")
+    jobs = [(checkpoint_paths[t], requests.iter_requests(todo[t])) for t in checkpoints]
+    _generate(jobs, backend, settings, store, rank, report, total, checkpoints[-1:], stop)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -167,27 +188,23 @@ def regenerate_workers(
     checkpoint_paths: dict[int, Path],
     settings: SamplingSettings,
     store: LabelStore,
-    claim: Callable[[int], bool] | None = None,
+    by_checkpoint: bool = False,
     on_done: Callable[[int, RegenerationReport], None] = lambda worker, report: None,
 ) -> None:
     """Run this process's generation workers (of `world_size` in all): one, or one thread each
     when there are several (user-run servers outnumbering the processes), each with its own
     backend (`backend_for(worker)`, closed after it) and its own store writer. A failed worker
-    stops the others from claiming more checkpoints; the first error is raised once they end."""
-    stop = threading.Event()
-
-    def claim_unless_stopped(checkpoint: int) -> bool:
-        return not stop.is_set() and claim(checkpoint)
+    stops the others at their next batch; the first error is raised."""
+    failed = threading.Event()
 
     def run(worker: int, worker_store: LabelStore) -> None:
         backend = None
         try:
             backend = backend_for(worker)
             report = regenerate(requests, checkpoint_paths, backend, settings, worker_store,
-                                worker, world_size,
-                                claim=claim_unless_stopped if claim else None)
+                                worker, world_size, by_checkpoint, stop=failed.is_set)
         except BaseException:
-            stop.set()
+            failed.set()
             raise
         finally:
             if backend is not None:
@@ -199,16 +216,25 @@ def regenerate_workers(
         return
     stores = [LabelStore(store.directory) for _ in workers]  # a store object per thread
     try:
-        with ThreadPoolExecutor(max(len(workers), 1), thread_name_prefix="tms-regenerate") as pool:
-            for done in [pool.submit(run, w, s) for w, s in zip(workers, stores, strict=True)]:
-                done.result()
+        with ThreadPoolExecutor(len(workers), thread_name_prefix="tms-regenerate") as pool:
+            futures = [pool.submit(run, w, s) for w, s in zip(workers, stores, strict=True)]
+            errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None and not isinstance(e, _Stopped)),
+                     next((e for e in errors if e is not None), None))
+        if first is not None:
+            raise first
     finally:
         for worker_store in stores:
             worker_store.close()
 
 
+class _Stopped(TMSError):
+    """A worker stopped because another worker of its process failed."""
+
+
 def _generate(jobs, backend: GenerationBackend, settings: SamplingSettings, store: LabelStore,
-              rank: int, report: RegenerationReport, total: int, last: list[int]) -> None:
+              rank: int, report: RegenerationReport, total: int, last: list[int],
+              stop: Callable[[], bool] = lambda: False) -> None:
     if not total:
         return
     started = time.perf_counter()
@@ -217,6 +243,8 @@ def _generate(jobs, backend: GenerationBackend, settings: SamplingSettings, stor
               dynamic_ncols=True) as progress:
         for labels in backend.generate_many(jobs, settings):
             store.append(rank, labels)
+            if stop():
+                raise _Stopped(f"worker {rank} stopped: another worker of this process failed")
             report.generated += len(labels)
             report.generated_tokens += sum(label.num_tokens for label in labels)
             progress.update(len(labels))

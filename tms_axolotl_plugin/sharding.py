@@ -5,7 +5,8 @@ Each harvest checkpoint must be a model (or adapter) that vLLM and transformers 
 writes no weights at all, and under ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`
 it writes a DeepSpeed checkpoint that needs `zero_to_fp32.py`. So:
 - FSDP (1 or 2), any `state_dict_type`: the harvest gathers a full state dict itself, offloaded
-  to CPU on rank 0 (accelerate's `get_state_dict`), and writes it as safetensors;
+  to CPU on rank 0 (`full_state_dict`: torch's own gathers, the ones accelerate's
+  `get_state_dict` uses), and writes it as safetensors;
 - ZeRO-3: the gather is DeepSpeed's 16-bit one, which the DeepSpeed config must allow; a config
   that does not is rejected when it is loaded (`check_harvest_sharding`), before any training.
 """
@@ -56,11 +57,28 @@ def check_harvest_sharding(config: Mapping[str, Any]) -> None:
             "zero3*.json do), or train with FSDP, whose checkpoints the plugin gathers itself.")
 
 
+def full_state_dict(model) -> dict:
+    """Every rank (a collective): the whole state dict of an FSDP-sharded `model` (FSDP1's
+    wrapper or an FSDP2 `fully_shard` module), on CPU on rank 0 and empty on the others,
+    whatever state dict type the model was set up with."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
 def save_whole_model(trainer, target: Path) -> None:
     """Every rank: write `target` as a model (or adapter) directory with whole weights."""
     if getattr(trainer, "is_fsdp_enabled", False) and "FULL_STATE_DICT" not in str(
             trainer.accelerator.state.fsdp_plugin.state_dict_type):
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # collective
+        state_dict = full_state_dict(trainer.model)
         if trainer.args.should_save:
             trainer._save(str(target), state_dict=state_dict)
         return
