@@ -434,13 +434,15 @@ def test_full_pipeline_with_vllm_backend_and_full_weight_checkpoints(
         except Exception as error:  # reported by the test below
             seen.append({"pid": process.pid, "error": repr(error)})
 
+    earlier = {p.pid for p in vllm_processes()}  # e.g. the module's user-run servers
+
     def watch():  # while the run goes on: inspect every sidecar it launches, a thread each
         inspecting: dict[int, threading.Thread] = {}
         while not stop.is_set():
             for process in vllm_processes():
                 try:
-                    if process.pid in inspecting or process.cmdline()[1:3] != [
-                            "-m", "vllm.entrypoints.openai.api_server"]:
+                    if process.pid in inspecting or process.pid in earlier or \
+                            process.cmdline()[1:3] != ["-m", "vllm.entrypoints.openai.api_server"]:
                         continue
                 except psutil.Error:
                     continue  # it exited meanwhile (a restart)
