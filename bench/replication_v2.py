@@ -3,7 +3,7 @@ seed 0 that pick the regime where SFT both gains target accuracy and forgets.
 
     TMS_SIDECAR_PYTHON=$(scripts/env.sh sidecar)/bin/python PYTHONPATH=. HF_HUB_OFFLINE=1 \
     flock /tmp/tms-bench.lock $(scripts/env.sh trainer)/bin/python bench/replication_v2.py \
-        pilot --lr 3e-4 [--rows 600] [--epochs 3] [--seed 0]
+        pilot --lr 3e-4 [--rows 300] [--epochs 3] [--seed 0]
 
 Model: SmolLM2-135M-Instruct (fp32, CPU). Target task: ASDiv problems with a numeric answer
 (`offline_assets.asdiv_jsonl`: 1,784 train / 300 test, split by a fixed seed), trained on
@@ -271,7 +271,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("pilot", help="one SFT-only pilot (protocol step 1)")
     one.add_argument("--lr", type=float, required=True)
-    one.add_argument("--rows", type=int, default=600)
+    one.add_argument("--rows", type=int, default=300)
     one.add_argument("--epochs", type=int, default=3)
     one.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
