@@ -149,7 +149,7 @@ def regenerate(
 ) -> RegenerationReport:
     """Generate this worker's share of `requests` that the store does not hold yet. Requests
     are made as the backend takes them; answers go to the store batch by batch. Once `stop()`
-    is true, no more answers are stored and TMSError is raised.
+    is true (checked after each stored batch), TMSError is raised.
 
     The share: items whose hash falls to `rank` of `world_size`; or, `by_checkpoint`, the
     worker's span of the items in checkpoint order (`checkpoint_spans`), so that an engine
