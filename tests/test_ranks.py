@@ -35,7 +35,10 @@ if ranks.rank() == 0:
         ranks.record_failure(markers, "retention", error)
         raise
 ranks.wait_for([answers], markers, "retention", poll_seconds=0.2)
-print(f"rank {ranks.rank()} ok in launch {ranks.launch_id()}")
+print(f"rank {ranks.rank()} ok in launch {ranks.launch_id()}", flush=True)
+if dist.is_initialized():
+    # gloo's threads left running at interpreter exit abort the process now and then
+    dist.destroy_process_group()
 """
 
 
