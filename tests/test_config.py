@@ -233,3 +233,39 @@ def test_zero3_with_gathered_16bit_weights_and_zero2_pass_the_harvest_check():
     check_harvest_sharding({"deepspeed": json.dumps({"zero_optimization": {"stage": 2}})})
     check_harvest_sharding({"deepspeed": "example_configs/deepspeed/zero2.json"})
     check_harvest_sharding({})
+
+
+@pytest.mark.parametrize("vllm, sidecar, expected", [
+    ({"tensor_parallel_size": 3}, {},
+     "8 processes per node cannot be split into vLLM engines of 3 GPUs (vllm.tensor_parallel_size"),
+    ({}, {"port": 8123}, "tms.sidecar.port: 8123 is fixed, but each node runs 8 vLLM engines"),
+])
+def test_engines_that_cannot_be_laid_out_on_the_nodes_are_refused_at_config_load(
+        tmp_path, cfg_for, monkeypatch, vllm, sidecar, expected):
+    """Every rank of a torchrun launch loads the config with LOCAL_WORLD_SIZE set: a layout
+    that fails at regeneration (after the whole harvest) fails here instead."""
+    for key, value in {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "RANK": "0",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    tms = {"generation": {"backend": "vllm"}, "sidecar": {"transport": "tcp", **sidecar}}
+    with pytest.raises(Exception) as excinfo:
+        load(tmp_path, cfg_for(tms=tms, vllm=vllm))
+    assert expected in str(excinfo.value)
+
+
+def test_engine_layouts_that_fit_pass_the_config_check():
+    from tms_axolotl_plugin.regenerate import check_engine_layout
+
+    def check(world, local, vllm=None, **sidecar):
+        tms = TMSConfig.model_validate({"generation": {"backend": "vllm"},
+                                        "sidecar": {"transport": "tcp", **sidecar}})
+        check_engine_layout(tms, vllm, world, local)
+
+    check(16, 8, {"tensor_parallel_size": 2, "data_parallel_size": 2})
+    check(8, 8, {"tensor_parallel_size": 8}, port=8123)  # one engine per node
+    check(1, 1, {"tensor_parallel_size": 2}, port=8123)  # one process: one server on its GPUs
+    check(8, 8, {"tensor_parallel_size": 3}, engines="one", port=8123)
+    check(8, 8, {"tensor_parallel_size": 3}, cuda_visible_devices="7")
+    check(8, 8, {"tensor_parallel_size": 3}, url="http://127.0.0.1:8000")
+    with pytest.raises(Exception, match="1 processes per node cannot be split"):
+        check(2, 1, {"tensor_parallel_size": 2})  # two nodes of one process each

@@ -280,9 +280,11 @@ class SidecarConfig(_Section):
         "`vllm.tensor_parallel_size` x `vllm.data_parallel_size` GPUs, and the work is spread "
         "over them: full-weight checkpoints as equal spans of the answers in checkpoint order "
         "(each engine loads the few checkpoints of its span, each once; T=10 on 8 engines: at "
-        "most two), LoRA adapters item by item (every engine loads all). `one`: rank 0 "
-        "launches one server. A server at `url`, or one pinned by `cuda_visible_devices`, is "
-        "always one; servers at `urls` are used as they are.",
+        "most two), LoRA adapters item by item (every engine loads all); a layout that does not "
+        "fit the processes per node, or a fixed `port` with several engines per node, is "
+        "refused at config load. `one`: rank 0 launches one server, as a single-process run "
+        "always does. A server at `url`, or one pinned by `cuda_visible_devices`, is always "
+        "one; servers at `urls` are used as they are.",
     )
     concurrency: int = Field(
         default=256,

@@ -451,6 +451,26 @@ def check_config(config: Mapping[str, Any], harvest_child: bool = False) -> None
     check_datasets(config.get("datasets"))
     check_training_settings(config, harvest_child)
     check_harvest_sharding(config)
+    if not harvest_child:  # the harvest does not regenerate
+        check_regeneration_layout(config)
+
+
+def check_regeneration_layout(config: Mapping[str, Any]) -> None:
+    """The vLLM engines this launch would run during regeneration fit its nodes
+    (`regenerate.check_engine_layout`); a `tms` block that does not validate is left to the
+    field's own validation, which reports it."""
+    from pydantic import ValidationError
+
+    from tms_axolotl_plugin import nodes, ranks
+    from tms_axolotl_plugin.config import TMSConfig
+    from tms_axolotl_plugin.regenerate import check_engine_layout
+
+    block = config.get("tms")
+    try:
+        tms = block if isinstance(block, TMSConfig) else TMSConfig.model_validate(dict(block))
+    except (ValidationError, TypeError, ValueError):
+        return
+    check_engine_layout(tms, config.get("vllm"), ranks.world_size(), nodes.local_world_size())
 
 
 def _escape(text: str) -> str:

@@ -54,6 +54,8 @@ from tms_axolotl_plugin.mixture import MixtureStats, write_student_mixture
 from tms_axolotl_plugin.pld import ScoredAnswer, save_scored_answers
 from tms_axolotl_plugin.regenerate import (
     engine_devices,
+    engine_gpus,
+    launches_engine_per_gpu,
     regenerate_workers,
     vllm_engine_ranks,
 )
@@ -543,15 +545,10 @@ class Pipeline:
             return list(range(ranks.world_size()))
         if s.urls:
             return [i % ranks.world_size() for i in range(len(s.urls))]
-        if s.url or s.engines == "one" or s.cuda_visible_devices is not None:
+        if not launches_engine_per_gpu(self.tms, ranks.world_size()):
             return [0]  # one server; its client batches everything
         return vllm_engine_ranks(ranks.world_size(), nodes.local_world_size(),
-                                 self._gpus_per_engine())
-
-    def _gpus_per_engine(self) -> int:
-        engine = self.cfg.vllm or {}
-        return int(engine.get("tensor_parallel_size") or 1) * int(
-            engine.get("data_parallel_size") or 1)
+                                 engine_gpus(self.cfg.vllm))
 
     def _backend(self, worker: int | None = None):
         """The generator of this worker; None: the only one."""
@@ -575,12 +572,9 @@ class Pipeline:
             return VLLMGenerator.from_config(self.cfg, tms)
         if worker is None:
             return VLLMGenerator.from_config(self.cfg, self.tms, self.paths.root / "sidecar")
-        if s.port is not None and nodes.local_world_size() > self._gpus_per_engine():
-            raise TMSError(f"tms.sidecar.port: {s.port} is fixed, but each node runs several "
-                           "vLLM engines (tms.sidecar.engines: per_gpu); unset the port (a free "
-                           "one is taken per engine) or set tms.sidecar.engines: one")
+        # a fixed port with several engines per node was refused at config load
         devices = engine_devices(ranks.rank(), nodes.local_world_size(),
-                                 self._gpus_per_engine(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+                                 engine_gpus(self.cfg.vllm), os.environ.get("CUDA_VISIBLE_DEVICES"))
         tms = self.tms.model_copy(update={"sidecar": s.model_copy(
             update={"cuda_visible_devices": devices})})
         return VLLMGenerator.from_config(self.cfg, tms,

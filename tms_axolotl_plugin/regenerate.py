@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from tms_axolotl_plugin.errors import TMSError
+from tms_axolotl_plugin.errors import TMSConfigError, TMSError
 from tms_axolotl_plugin.generation import (
     GenerationBackend,
     GenerationRequest,
@@ -57,14 +58,55 @@ def owned(keys: list[str], checkpoint: int, rank: int, world_size: int) -> np.nd
 CHECK_BATCH = 4096  # items looked up in the store at once
 
 
+def engine_gpus(engine: Mapping[str, Any] | None) -> int:
+    """GPUs one launched vLLM engine spans: `vllm.tensor_parallel_size` x `data_parallel_size`."""
+    engine = engine or {}
+    return int(engine.get("tensor_parallel_size") or 1) * int(
+        engine.get("data_parallel_size") or 1)
+
+
+def launches_engine_per_gpu(tms, world_size: int) -> bool:
+    """Whether regeneration runs a launched vLLM engine on the GPUs of every process group of
+    `engine_gpus` local ranks (`tms.sidecar.engines: per_gpu`), rather than one server. A single
+    process launches one server, on the GPUs it sees."""
+    g, s = tms.generation, tms.sidecar
+    return (g.backend == "vllm" and not s.servers and s.engines == "per_gpu"
+            and s.cuda_visible_devices is None and world_size > 1)
+
+
+def _layout_problem(local_world_size: int, gpus_per_engine: int) -> str | None:
+    if local_world_size % gpus_per_engine:
+        return (f"{local_world_size} processes per node cannot be split into vLLM engines of "
+                f"{gpus_per_engine} GPUs (vllm.tensor_parallel_size x vllm.data_parallel_size); "
+                "make it divide the processes (GPUs) per node, or set tms.sidecar.engines: one")
+    return None
+
+
+def check_engine_layout(tms, engine: Mapping[str, Any] | None, world_size: int,
+                        local_world_size: int) -> None:
+    """At config load, on every rank: reject a launch whose per-GPU engines cannot be laid out
+    on its nodes, naming the key to change (else it fails after the whole harvest)."""
+    if not launches_engine_per_gpu(tms, world_size):
+        return
+    gpus = engine_gpus(engine)
+    problem = _layout_problem(local_world_size, gpus)
+    if problem:
+        raise TMSConfigError(problem)
+    port = tms.sidecar.port
+    if port is not None and local_world_size > gpus:
+        raise TMSConfigError(
+            f"tms.sidecar.port: {port} is fixed, but each node runs {local_world_size // gpus} "
+            "vLLM engines (tms.sidecar.engines: per_gpu, one per "
+            f"{gpus} of its {local_world_size} processes), which cannot share one port; unset "
+            "tms.sidecar.port (each engine takes a free one) or set tms.sidecar.engines: one")
+
+
 def vllm_engine_ranks(world_size: int, local_world_size: int, gpus_per_engine: int) -> list[int]:
     """The ranks that each run a vLLM engine on their own GPUs: on every node, one per
     `gpus_per_engine` consecutive local ranks."""
-    if local_world_size % gpus_per_engine:
-        raise TMSError(
-            f"{local_world_size} processes per node cannot be split into vLLM engines of "
-            f"{gpus_per_engine} GPUs (vllm.tensor_parallel_size x vllm.data_parallel_size); "
-            "make it divide the GPUs per node, or set tms.sidecar.engines: one")
+    problem = _layout_problem(local_world_size, gpus_per_engine)
+    if problem:
+        raise TMSError(problem)
     return [r for r in range(world_size) if (r % local_world_size) % gpus_per_engine == 0]
 
 
