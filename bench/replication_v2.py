@@ -54,6 +54,7 @@ MMLU_QUESTIONS = 500
 ANSWER_TOKENS = 256  # greedy test answers (64 cut 81% of the base model's); labels ~15 tokens
 ACCURACY = f"accuracy_{ANSWER_TOKENS}tok"  # the cap is part of the score's name
 RETENTION_TOKENS = 128
+BATCH_ROWS = 4  # rows per optimizer step, unpacked
 
 
 def pool_rows(rows: int) -> list[dict]:
@@ -81,8 +82,12 @@ def sft_config(out: Path, data: Path, args) -> Path:
                       "split": "train"}],
         "chat_template": "tokenizer_default",
         "dataset_prepared_path": str(out / "prepared"), "output_dir": str(out / "run"),
-        "sequence_len": 512, "sample_packing": True, "micro_batch_size": 1,
-        "gradient_accumulation_steps": 4, "num_epochs": args.epochs,
+        # Unpacked batches of 4 rows: every arm takes exactly rows/4 optimizer steps per
+        # epoch, however long its targets are (packing would give the arm with the longer
+        # answers more steps).
+        "sequence_len": 512, "sample_packing": False, "pad_to_sequence_len": False,
+        "micro_batch_size": BATCH_ROWS, "gradient_accumulation_steps": 1,
+        "num_epochs": args.epochs,
         "optimizer": "adamw_torch", "lr_scheduler": "constant_with_warmup",
         "learning_rate": args.lr, "warmup_steps": 5, "bf16": False, "fp16": False,
         "tf32": False, "attn_implementation": "sdpa", "logging_steps": 1,
@@ -257,7 +262,7 @@ def pilot(args) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         "setting": {"lr": args.lr, "rows": args.rows, "epochs": args.epochs,
                     "seed": args.seed, "schedule": "constant_with_warmup (5 steps)",
-                    "effective_batch": "4 packed sequences of 512 tokens",
+                    "batch": f"{BATCH_ROWS} rows, unpacked",
                     "total_steps": rows[-1]["step"]},
         "train_seconds": scores.get("_run", "train_seconds"),
         "points": rows,
