@@ -31,9 +31,11 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,19 +57,23 @@ ANSWER_TOKENS = 256  # greedy test answers (64 cut 81% of the base model's); lab
 ACCURACY = f"accuracy_{ANSWER_TOKENS}tok"  # the cap is part of the score's name
 RETENTION_TOKENS = 128
 BATCH_ROWS = 4  # rows per optimizer step, unpacked
+# The base model's greedy answers to the retention prompts, generated once: the plugin's cache
+# key (model, prompts, length, template, decoding) is the bench's, so its runs reuse them.
+RETENTION_CACHE = (WORK / "retention").resolve()
 
 
-def pool_rows(rows: int) -> list[dict]:
+def pool_rows(rows: int, heldout: int = HELDOUT) -> list[dict]:
     lines = asdiv_jsonl("train").read_text().splitlines()
-    order = random.Random(POOL_SEED).sample(range(len(lines)), rows + HELDOUT)
+    order = random.Random(POOL_SEED).sample(range(len(lines)), rows + heldout)
     return [json.loads(lines[i]) for i in order]
 
 
-def write_pool(out: Path, rows: int, seed: int) -> tuple[Path, Path, Path]:
+def write_pool(out: Path, rows: int, seed: int,
+               heldout: int = HELDOUT) -> tuple[Path, Path, Path]:
     """The pool (what a TMS run is given), and its train / held-out parts as the plugin splits
     it with `seed`."""
-    pool = pool_rows(rows)
-    train_idx, heldout_idx = split_heldout(len(pool), HELDOUT, seed)
+    pool = pool_rows(rows, heldout)
+    train_idx, heldout_idx = split_heldout(len(pool), heldout, seed)
     paths = out / "pool.jsonl", out / "train.jsonl", out / "heldout.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     for path, chosen in zip(paths, (range(len(pool)), train_idx, heldout_idx), strict=True):
@@ -75,8 +81,9 @@ def write_pool(out: Path, rows: int, seed: int) -> tuple[Path, Path, Path]:
     return paths
 
 
-def sft_config(out: Path, data: Path, args) -> Path:
-    cfg = {
+def training_settings(data: Path, out: Path, lr: float, epochs: int, seed: int) -> dict:
+    """What every pilot and every arm trains with (only the data and the `tms:` block differ)."""
+    return {
         "base_model": str(smollm2_dir()),
         "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template",
                       "split": "train"}],
@@ -87,14 +94,18 @@ def sft_config(out: Path, data: Path, args) -> Path:
         # answers more steps).
         "sequence_len": 512, "sample_packing": False, "pad_to_sequence_len": False,
         "micro_batch_size": BATCH_ROWS, "gradient_accumulation_steps": 1,
-        "num_epochs": args.epochs,
+        "num_epochs": epochs,
         "optimizer": "adamw_torch", "lr_scheduler": "constant_with_warmup",
-        "learning_rate": args.lr, "warmup_steps": 5, "bf16": False, "fp16": False,
+        "learning_rate": lr, "warmup_steps": 5, "bf16": False, "fp16": False,
         "tf32": False, "attn_implementation": "sdpa", "logging_steps": 1,
-        "saves_per_epoch": 2, "save_only_model": True,
-        "save_total_limit": 2 * args.epochs + 1,  # Axolotl's default keeps only the last 4
-        "seed": args.seed, "dataloader_num_workers": 0,
+        "seed": seed, "dataloader_num_workers": 0,
     }
+
+
+def sft_config(out: Path, data: Path, args) -> Path:
+    cfg = {**training_settings(data, out, args.lr, args.epochs, args.seed),
+           "saves_per_epoch": 2, "save_only_model": True,
+           "save_total_limit": 2 * args.epochs + 1}  # Axolotl's default keeps only the last 4
     path = out / "config.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -130,7 +141,7 @@ class Scores:
 
 
 def accuracies(models: dict[str, Path], scores: Scores, sidecar_python: str,
-               workdir: Path) -> None:
+               workdir: Path, problems: int | None = None) -> None:
     """Greedy test accuracy of each model not scored yet, through one vLLM server."""
     todo = {name: path for name, path in models.items() if scores.get(name, ACCURACY) is None}
     if not todo:
@@ -144,6 +155,7 @@ def accuracies(models: dict[str, Path], scores: Scores, sidecar_python: str,
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     rows = [json.loads(line) for line in asdiv_jsonl("test").read_text().splitlines()]
+    rows = rows[:problems]
     prompts = [tuple(tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False))
                for row in rows]
@@ -185,8 +197,8 @@ def scored_labels(tokenizer, rows: list[dict]) -> list:
     return scored
 
 
-def likelihoods(models: dict[str, Path], scores: Scores, heldout: Path, workdir: Path,
-                mmlu: set[str]) -> None:
+def likelihoods(models: dict[str, Path], scores: Scores, heldout: Path, mmlu: set[str],
+                mmlu_questions: int = MMLU_QUESTIONS) -> None:
     """PLD and retention NLL of every model, and MMLU-STEM accuracy of those in `mmlu`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,12 +214,12 @@ def likelihoods(models: dict[str, Path], scores: Scores, heldout: Path, workdir:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     prompts = load_retention_prompts(None, 1000)
     cfg = SimpleNamespace(base_model=str(smollm2_dir()))
-    path = base_answers_path(cfg, tokenizer, prompts, RETENTION_TOKENS, workdir / "retention")
+    path = base_answers_path(cfg, tokenizer, prompts, RETENTION_TOKENS, RETENTION_CACHE)
     retention = load_scored_answers(ensure_base_answers(cfg, tokenizer, prompts,
                                                         RETENTION_TOKENS, path))
     labels = scored_labels(tokenizer, [json.loads(line) for line in
                                        heldout.read_text().splitlines()])
-    sample = random.Random(0).sample(mmlu_stem_jsonl().read_text().splitlines(), MMLU_QUESTIONS)
+    sample = random.Random(0).sample(mmlu_stem_jsonl().read_text().splitlines(), mmlu_questions)
     questions = [MultipleChoice(r["question"], tuple(r["choices"]), r["answer"])
                  for r in map(json.loads, sample)]
     for name, model_path in models.items():
@@ -248,7 +260,7 @@ def pilot(args) -> None:
     sidecar = os.environ["TMS_SIDECAR_PYTHON"]
     for target, chosen in ((base_scores, {"base": models["base"]}),
                            (scores, {k: v for k, v in models.items() if k != "base"})):
-        likelihoods(chosen, target, heldout, out / "eval",
+        likelihoods(chosen, target, heldout,
                     mmlu={"base", checkpoints[-1].name} if checkpoints else {"base"})
         accuracies({k: v for k, v in chosen.items() if k == "base" or k in epoch_ends},
                    target, sidecar, out / "eval")
@@ -275,6 +287,450 @@ def pilot(args) -> None:
         print(json.dumps(r))
 
 
+PILOT_LRS = (1e-4, 3e-4, 1e-3)
+SEEDS = (0, 1, 2)
+FROZEN = RESULTS / "frozen.json"
+# The rule of bench/README.md ("Choice rule"), fixed before any pilot result.
+MIN_ACCURACY_GAIN, MIN_RETENTION_RISE, MIN_PLD_RISE = 0.05, 0.05, 0.01
+# TMS as the paper runs it; regenerated answers get the test answers' cap (the ~15-token labels
+# fit easily; early checkpoints write longer, base-like answers).
+TMS_BLOCK = {"num_checkpoints": 10, "alpha": 0.25, "schedule": "offline"}
+REGENERATION_TOKENS = 256
+# Seed-independent base-model scores (greedy answers, fixed questions) are scored once.
+SEED_INDEPENDENT = (ACCURACY, f"{ACCURACY}_truncated", "retention_nll", "mmlu_stem")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a seed's run is: the protocol's, or `--smoke`'s, which checks the wiring in
+    minutes (its results go to outputs/, never to bench/results/, and mean nothing)."""
+
+    rows: int = 300
+    heldout: int = HELDOUT
+    checkpoints: int = 10
+    test_problems: int | None = None  # all 300
+    mmlu_questions: int = MMLU_QUESTIONS
+    prefix: str = ""
+
+    @property
+    def results(self) -> Path:
+        return WORK / "smoke-results" if self.prefix else RESULTS
+
+
+SMOKE = Scale(rows=16, heldout=8, checkpoints=2, test_problems=20, mmlu_questions=20,
+              prefix="smoke-")
+
+
+def pilot_name(lr: float, rows: int = 300, epochs: int = 3, seed: int = 0) -> str:
+    return f"lr{lr:g}-rows{rows}-ep{epochs}-seed{seed}"
+
+
+def candidates(pilot_result: dict) -> list[dict]:
+    """Every (LR, k epochs) of one pilot with the three criteria of the choice rule."""
+    points = pilot_result["points"]
+    base = points[0]
+    found = []
+    for k in range(1, pilot_result["setting"]["epochs"] + 1):
+        end = min(points[1:], key=lambda p: abs(p["epoch"] - k))
+        if ACCURACY not in end:
+            continue
+        lowest = min(p["pld"] for p in points[1:] if p["epoch"] <= end["epoch"])
+        gain = end[ACCURACY] - base[ACCURACY]
+        rise = end["retention_nll"] - base["retention_nll"]
+        pld_rise = end["pld"] - lowest
+        found.append({
+            "lr": pilot_result["setting"]["lr"], "epochs": k, "checkpoint": end["model"],
+            "accuracy": end[ACCURACY], "accuracy_gain": round(gain, 4),
+            "retention_rise": round(rise, 4), "pld_rise_after_min": round(pld_rise, 4),
+            "a_accuracy": gain >= MIN_ACCURACY_GAIN, "b_forgetting": rise >= MIN_RETENTION_RISE,
+            "c_pld_dips_then_rises": pld_rise >= MIN_PLD_RISE})
+    return found
+
+
+def choose(_args=None) -> dict:
+    """Apply the choice rule to the recorded pilots and freeze the setting."""
+    table = []
+    for lr in PILOT_LRS:
+        path = RESULTS / f"pilot-{pilot_name(lr)}.json"
+        if not path.exists():
+            sys.exit(f"pilot LR {lr:g} has no result yet ({path}); run `pilot --lr {lr:g}`")
+        table += candidates(json.loads(path.read_text()))
+    eligible = [c for c in table if c["a_accuracy"] and c["b_forgetting"]
+                and c["c_pld_dips_then_rises"]]
+    if eligible:
+        best = min(eligible, key=lambda c: (c["epochs"], -c["accuracy_gain"]))
+        why = ("meets (a), (b) and (c); the fewest epochs among those that do, then the largest "
+               "accuracy gain")
+    else:
+        partial = [c for c in table if c["a_accuracy"] and c["b_forgetting"]]
+        if not partial:
+            sys.exit("no pilot raises accuracy by 0.05 and forgets: pilot more rows or epochs "
+                     "(bench/README.md, choice rule)\n" + json.dumps(table, indent=1))
+        best = max(partial, key=lambda c: c["pld_rise_after_min"])
+        why = ("no candidate meets (c) (PLD dips, then rises by 0.01); among those meeting (a) "
+               "and (b), the largest PLD rise")
+    frozen = {"lr": best["lr"], "epochs": best["epochs"], "chosen": best, "why": why,
+              "candidates": table}
+    FROZEN.write_text(json.dumps(frozen, indent=2) + "\n")
+    print(json.dumps(frozen, indent=2))
+    return frozen
+
+
+def arm_config(out: Path, pool: Path, frozen: dict, seed: int, sidecar_python: str,
+               scale: Scale, schedule: str = "offline", harvest_from: Path | None = None) -> Path:
+    """The `axolotl train` config of one TMS-plugin run of the frozen setting."""
+    name = "tms" if schedule == "offline" else schedule
+    work = out / name
+    cfg = training_settings(pool, work, frozen["lr"], frozen["epochs"], seed)
+    cfg.update({"output_dir": str(out / f"{name}_run"), "save_strategy": "no",
+                "plugins": ["tms_axolotl_plugin.TMSPlugin"], "vllm": dict(ENGINE)})
+    cfg["tms"] = {
+        **TMS_BLOCK, "num_checkpoints": scale.checkpoints, "seed": seed, "schedule": schedule,
+        "generation": {"backend": "vllm", "temperature": 1.0, "top_p": 1.0,
+                       "max_new_tokens": REGENERATION_TOKENS},
+        "sidecar": {"python": sidecar_python, "concurrency": 64},
+        # every ~tenth of the run, never skipped for the overhead budget: curves of >= 8 points
+        "pld": {"heldout_size": scale.heldout, "max_overhead": 0},
+        "retention": {"max_prompts": 100, "max_new_tokens": RETENTION_TOKENS},
+    }
+    if harvest_from is not None:
+        cfg["tms"]["harvest_from"] = str(harvest_from)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "config.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def stages_of(run: Path) -> dict:
+    return json.loads((run / "tms" / "stages.json").read_text())
+
+
+def curve(rows: list[dict]) -> list[dict]:
+    keys = ("tms/pld", "tms/pld_drift", "tms/retention_nll")
+    return [{"step": r["step"], **{k.split("/")[1]: r[k] for k in keys if k in r}}
+            for r in rows if any(k in r for k in keys)]
+
+
+def answer_stats(run: Path) -> dict:
+    """How the regenerated answers the student trained on ended (the label store of the run)."""
+    from tms_axolotl_plugin.label_store import LabelStore
+
+    stores = [p for p in (run / "tms" / "labels").iterdir() if p.is_dir()]
+    if len(stores) != 1:
+        raise SystemExit(f"{run}: expected one label store, found {[p.name for p in stores]}")
+    total = cut = empty = tokens = 0
+    for batch in LabelStore(stores[0]).iter_labels():
+        for label in batch:
+            total += 1
+            cut += label.finish_reason == "length"
+            empty += not label.text.strip()
+            tokens += label.num_tokens
+    return {"answers": total, "truncated": cut, "truncated_share": round(cut / total, 4),
+            "empty": empty, "mean_tokens": round(tokens / total, 1), "cap": REGENERATION_TOKENS}
+
+
+def timed_train(config: Path, log: Path, scores: Scores, key: str) -> None:
+    if scores.get("_run", key) is None:
+        run_cache = Path(yaml.safe_load(config.read_text())["output_dir"]) / "tms" / "retention"
+        run_cache.mkdir(parents=True, exist_ok=True)
+        for cached in RETENTION_CACHE.glob("base-answers-*.jsonl"):
+            if not (run_cache / cached.name).exists():
+                shutil.copy2(cached, run_cache / cached.name)
+        started = time.perf_counter()
+        run_axolotl(["axolotl.cli.train", str(config)], log)
+        scores.put("_run", key, round(time.perf_counter() - started, 1))
+
+
+def run_seed(args) -> dict:
+    """Protocol step 2 for one seed: the TMS run (its harvest is the SFT arm), the iterative-SFT
+    run on the same harvest, and every final model scored. Resumable at every stage."""
+    from tms_axolotl_plugin.report import load_run
+
+    scale = SMOKE if getattr(args, "smoke", False) else Scale()
+    if FROZEN.exists():
+        frozen = json.loads(FROZEN.read_text())
+    elif scale.prefix:
+        frozen = {"lr": 3e-4, "epochs": 1}
+    else:
+        sys.exit(f"no frozen setting ({FROZEN}): run `choose` after the pilots")
+    seed, sidecar = args.seed, os.environ["TMS_SIDECAR_PYTHON"]
+    out = (WORK / f"{scale.prefix}seed{seed}").resolve()
+    pool, _, heldout = write_pool(out, scale.rows, seed, scale.heldout)
+    scores = Scores(out / "scores.json")
+    tms_config = arm_config(out, pool, frozen, seed, sidecar, scale)
+    tms_run = out / "tms_run"
+    timed_train(tms_config, out / "tms" / "axolotl.log", scores, "tms_seconds")
+    harvest = Path(stages_of(tms_run)["harvest"]["output_dir"])
+    iterative_config = arm_config(out, pool, frozen, seed, sidecar, scale, schedule="iterative",
+                                  harvest_from=harvest / "tms_checkpoints")
+    iterative_run = out / "iterative_run"
+    timed_train(iterative_config, out / "iterative" / "axolotl.log", scores, "iterative_seconds")
+
+    # The plugin's held-out rows are the ones the bench scores PLD on.
+    plugin_heldout = sorted((tms_run / "tms" / "data").glob("heldout-*.jsonl"))
+    plugin_heldout = [p for p in plugin_heldout if not p.name.endswith(".scored.jsonl")]
+    ours = sorted(json.loads(line)["question"] for line in heldout.read_text().splitlines())
+    theirs = sorted(json.loads(line)["question"] for p in plugin_heldout
+                    for line in p.read_text().splitlines())
+    if ours != theirs:
+        sys.exit(f"the plugin held out other rows than the bench scores ({plugin_heldout})")
+
+    arms = {"SFT": harvest, "TMS": tms_run, "iterative": iterative_run}
+    base = Scores(WORK.resolve() / f"base-{scale.prefix}seed{seed}.json")
+    first = Scores(WORK.resolve() / f"base-{scale.prefix}seed0.json")
+    for metric in SEED_INDEPENDENT:
+        if base.get("base", metric) is None and first.get("base", metric) is not None:
+            base.put("base", metric, first.get("base", metric))
+    for target, models in ((base, {"base": smollm2_dir()}), (scores, arms)):
+        likelihoods(models, target, heldout, set(models), scale.mmlu_questions)
+        accuracies(models, target, sidecar, out / "eval", scale.test_problems)
+
+    tms_metrics, it_metrics = load_run(tms_run), load_run(iterative_run)
+    curves = {"SFT": curve(tms_metrics.stages["harvest"].rows),
+              "TMS": curve(tms_metrics.stages["student"].rows),
+              "iterative": curve(it_metrics.stages["student"].rows)}
+    result = {
+        "seed": seed, "setting": {k: frozen[k] for k in ("lr", "epochs")},
+        "tms": {**TMS_BLOCK, "temperature": 1.0, "max_new_tokens": REGENERATION_TOKENS},
+        "command": f"{ENV} bench/replication_v2.py run --seed {seed}"
+                   + (" --smoke" if scale.prefix else ""),
+        "scale": asdict(scale),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "seconds": scores.data["_run"],
+        "optimizer_steps": {arm: points[-1]["step"] for arm, points in curves.items()},
+        "regenerated_answers": {"TMS": answer_stats(tms_run),
+                                "iterative": answer_stats(iterative_run)},
+        "arms": {"base": base.data["base"], **{arm: scores.data[arm] for arm in arms}},
+        "curves": curves,
+    }
+    scale.results.mkdir(parents=True, exist_ok=True)
+    (scale.results / f"seed{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=1))
+    return result
+
+
+ARMS = ("SFT", "TMS", "iterative")
+
+
+def final_points(seed_result: dict) -> dict[str, dict]:
+    """Per arm of one seed: gains and losses against the base model, and the final PLD drift
+    of the run's logged curve."""
+    base = seed_result["arms"]["base"]
+    points = {}
+    for arm in ARMS:
+        m = seed_result["arms"][arm]
+        last = seed_result["curves"][arm][-1]
+        points[arm] = {
+            "accuracy": m[ACCURACY], "accuracy_gain": m[ACCURACY] - base[ACCURACY],
+            "retention_nll": m["retention_nll"],
+            "retention_loss": m["retention_nll"] - base["retention_nll"],
+            "mmlu_stem": m["mmlu_stem"], "mmlu_change": m["mmlu_stem"] - base["mmlu_stem"],
+            "pld": m["pld"], "pld_final_drift": last.get("pld_drift")}
+    return points
+
+
+def mean_sd(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else None,
+            "n": len(arr)}
+
+
+def _plots(seeds: list[dict], finals: dict[int, dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"SFT": "o", "TMS": "s", "iterative": "^"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm in ARMS:
+        xs = [finals[s][arm]["retention_loss"] for s in finals]
+        ys = [finals[s][arm]["accuracy_gain"] for s in finals]
+        ax.scatter(xs, ys, marker=markers[arm], s=40, label=arm)
+        for s, x, y in zip(finals, xs, ys, strict=True):
+            ax.annotate(f"s{s}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("retention loss: retention NLL - base (nats/token)")
+    ax.set_ylabel(f"target accuracy gain over base ({ACCURACY})")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_retention_plane.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm in ARMS:
+        xs = [finals[s][arm]["pld_final_drift"] for s in finals]
+        ys = [finals[s][arm]["retention_loss"] for s in finals]
+        ax.scatter(xs, ys, marker=markers[arm], s=40, label=arm)
+    ax.set_xlabel("final PLD drift (PLD at the end - its lowest during the run)")
+    ax.set_ylabel("retention loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "drift_vs_retention.png", dpi=120)
+    plt.close(fig)
+
+    names = ["accuracy_retention_plane.png", "drift_vs_retention.png"]
+    for seed in seeds:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+        for arm in ARMS:
+            points = seed["curves"][arm]
+            top.plot([p["step"] for p in points if "pld" in p],
+                     [p["pld"] for p in points if "pld" in p], marker="o", ms=3, label=arm)
+            bottom.plot([p["step"] for p in points if "retention_nll" in p],
+                        [p["retention_nll"] for p in points if "retention_nll" in p],
+                        marker="o", ms=3, label=arm)
+        top.set_ylabel("PLD (held-out label NLL)")
+        bottom.set_ylabel("retention NLL")
+        bottom.set_xlabel("optimizer step")
+        top.set_title(f"seed {seed['seed']}")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        name = f"curves_seed{seed['seed']}.png"
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def report(args=None) -> dict:
+    """Protocol step 5: every recorded seed, per seed and mean +- sd, paired differences, the
+    goal per seed, PLD drift against retention loss; JSON, markdown and plots."""
+    from tms_axolotl_plugin.report import correlation
+
+    results = (SMOKE if getattr(args, "smoke", False) else Scale()).results
+    seeds = [json.loads(p.read_text()) for p in sorted(results.glob("seed*.json"))]
+    if not seeds:
+        sys.exit(f"no seed has finished yet ({results}/seed*.json): run `run --seed 0`")
+    finals = {s["seed"]: final_points(s) for s in seeds}
+    metrics = ("accuracy_gain", "retention_loss", "mmlu_change", "pld", "pld_final_drift")
+    summary = {arm: {m: mean_sd([finals[s][arm][m] for s in finals]) for m in metrics}
+               for arm in ARMS}
+    paired = {}
+    for arm in ("TMS", "iterative"):
+        per_seed = {s: {m: finals[s][arm][m] - finals[s]["SFT"][m]
+                        for m in ("accuracy_gain", "retention_loss", "mmlu_change")}
+                    for s in finals}
+        paired[f"{arm} - SFT"] = {"per_seed": per_seed, **{
+            m: mean_sd([d[m] for d in per_seed.values()])
+            for m in ("accuracy_gain", "retention_loss", "mmlu_change")}}
+    goal = {}
+    for s, f in finals.items():
+        sft, tms = f["SFT"], f["TMS"]
+        ratio_loss = tms["retention_loss"] / sft["retention_loss"] if sft["retention_loss"] else None
+        ratio_gain = tms["accuracy_gain"] / sft["accuracy_gain"] if sft["accuracy_gain"] else None
+        goal[s] = {"retention_loss_ratio": ratio_loss, "accuracy_gain_ratio": ratio_gain,
+                   "met": bool(ratio_loss is not None and ratio_gain is not None
+                               and sft["retention_loss"] > 0 and sft["accuracy_gain"] > 0
+                               and ratio_loss <= 0.5 and ratio_gain >= 0.9)}
+    final_corr = correlation([(f[arm]["pld_final_drift"], f[arm]["retention_loss"])
+                              for f in finals.values() for arm in ARMS])
+    curve_points = []
+    for seed in seeds:
+        for arm in ARMS:
+            both = [p for p in seed["curves"][arm] if "pld_drift" in p and "retention_nll" in p]
+            curve_points += [(p["pld_drift"], p["retention_nll"] - both[0]["retention_nll"])
+                             for p in both]
+    result = {
+        "protocol": "bench/README.md, Replication v2", "seeds": sorted(finals),
+        "setting": seeds[0]["setting"], "tms": seeds[0]["tms"],
+        "commands": [s["command"] for s in seeds] + [f"{ENV} bench/replication_v2.py report"],
+        "per_seed": finals, "base": {s["seed"]: s["arms"]["base"] for s in seeds},
+        "mean_sd": summary, "paired_differences": paired,
+        "goal": {"rule": "TMS retention loss <= 0.5 x SFT's at >= 0.9 x SFT's accuracy gain",
+                 "per_seed": goal, "met_in_every_seed": all(g["met"] for g in goal.values())},
+        "drift_vs_retention": {"final_points": final_corr, "curve_points": correlation(
+            curve_points)},
+        "optimizer_steps": {s["seed"]: s["optimizer_steps"] for s in seeds},
+        "regenerated_answers": {s["seed"]: s["regenerated_answers"] for s in seeds},
+        "seconds": {s["seed"]: s["seconds"] for s in seeds},
+    }
+    result["plots"] = _plots(seeds, finals, results)
+    (results.parent / "replication_v2.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results.parent / "replication_v2.md").write_text(report_markdown(result))
+    print(report_markdown(result))
+    return result
+
+
+def _pm(stat: dict, digits: int = 3) -> str:
+    sd = "" if stat["sd"] is None else f" ± {stat['sd']:.{digits}f}"
+    return f"{stat['mean']:+.{digits}f}{sd}"
+
+
+def report_markdown(r: dict) -> str:
+    lines = [f"# Replication v2: SFT vs TMS vs iterative SFT (seeds {r['seeds']})", "",
+             (f"Setting (frozen from the pilots): LR {r['setting']['lr']:g}, "
+              f"{r['setting']['epochs']} epoch(s); TMS T={r['tms']['num_checkpoints']}, "
+              f"α={r['tms']['alpha']}, temperature {r['tms']['temperature']}, answers capped "
+              f"at {r['tms']['max_new_tokens']} tokens. Protocol: {r['protocol']}."), "",
+             ("| seed | arm | accuracy | Δ accuracy | retention NLL | retention loss | "
+              "MMLU-STEM | PLD | final PLD drift |"), "|---|---|---|---|---|---|---|---|---|"]
+    for s in r["seeds"]:
+        base = r["base"][s]
+        lines.append(f"| {s} | base | {base[ACCURACY]:.3f} | | {base['retention_nll']:.4f} | | "
+                     f"{base['mmlu_stem']:.3f} | {base['pld']:.4f} | |")
+        for arm in ARMS:
+            p = r["per_seed"][s][arm]
+            drift = "-" if p["pld_final_drift"] is None else f"{p['pld_final_drift']:.4f}"
+            lines.append(f"| {s} | {arm} | {p['accuracy']:.3f} | {p['accuracy_gain']:+.3f} | "
+                         f"{p['retention_nll']:.4f} | {p['retention_loss']:+.4f} | "
+                         f"{p['mmlu_stem']:.3f} | {p['pld']:.4f} | {drift} |")
+    lines += ["", "Mean ± sd over seeds:", "",
+              "| arm | Δ accuracy | retention loss | Δ MMLU-STEM | final PLD drift |",
+              "|---|---|---|---|---|"]
+    for arm in ARMS:
+        m = r["mean_sd"][arm]
+        lines.append(f"| {arm} | {_pm(m['accuracy_gain'])} | {_pm(m['retention_loss'], 4)} | "
+                     f"{_pm(m['mmlu_change'])} | {_pm(m['pld_final_drift'], 4)} |")
+    lines += ["", "Paired differences (same seed):", "",
+              ("| difference | Δ accuracy gain | Δ retention loss | Δ MMLU change | per seed "
+               "(retention loss) |"), "|---|---|---|---|---|"]
+    for name, d in r["paired_differences"].items():
+        per = ", ".join(f"s{s}: {v['retention_loss']:+.4f}" for s, v in d["per_seed"].items())
+        lines.append(f"| {name} | {_pm(d['accuracy_gain'])} | {_pm(d['retention_loss'], 4)} | "
+                     f"{_pm(d['mmlu_change'])} | {per} |")
+    g = r["goal"]
+    lines += ["", f"Goal ({g['rule']}):"]
+    for s, v in g["per_seed"].items():
+        loss = "-" if v["retention_loss_ratio"] is None else f"{v['retention_loss_ratio']:.2f}"
+        gain = "-" if v["accuracy_gain_ratio"] is None else f"{v['accuracy_gain_ratio']:.2f}"
+        lines.append(f"- seed {s}: TMS/SFT retention loss {loss}, accuracy gain {gain}: "
+                     f"{'met' if v['met'] else 'not met'}")
+    f, c = r["drift_vs_retention"]["final_points"], r["drift_vs_retention"]["curve_points"]
+
+    def corr(x: dict) -> str:
+        if x["pearson"] is None:
+            return f"{x['points']} points, undefined"
+        return f"{x['points']} points, Pearson {x['pearson']:.2f}, Spearman {x['spearman']:.2f}"
+
+    lines += ["", (f"PLD drift vs retention loss: final (arm, seed) points: {corr(f)}; every "
+                   f"logged point of every run: {corr(c)}."), "",
+              "Regenerated answers (TMS): " + "; ".join(
+                  f"seed {s}: {a['TMS']['truncated']} of {a['TMS']['answers']} cut at the cap "
+                  f"({100 * a['TMS']['truncated_share']:.1f}%)"
+                  for s, a in r["regenerated_answers"].items()),
+              "", "Optimizer steps: " + "; ".join(
+                  f"seed {s}: " + ", ".join(f"{a} {n}" for a, n in steps.items())
+                  for s, steps in r["optimizer_steps"].items()),
+              "", "Plots (bench/results/replication_v2/): " + ", ".join(r["plots"]), "",
+              "Commands:", "", *[f"    {c}" for c in r["commands"]], ""]
+    return "\n".join(lines)
+
+
+def run_all(args) -> None:
+    """The whole bench, resumable: the pilots, the choice, every seed, the report."""
+    for lr in PILOT_LRS:
+        pilot(argparse.Namespace(lr=lr, rows=300, epochs=3, seed=0))
+    frozen = json.loads(FROZEN.read_text()) if FROZEN.exists() else choose()
+    print(f"frozen setting: LR {frozen['lr']:g}, {frozen['epochs']} epoch(s)", flush=True)
+    for seed in SEEDS:
+        run_seed(argparse.Namespace(seed=seed))
+        report()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -283,9 +739,16 @@ def main() -> None:
     one.add_argument("--rows", type=int, default=300)
     one.add_argument("--epochs", type=int, default=3)
     one.add_argument("--seed", type=int, default=0)
+    commands.add_parser("choose", help="apply the choice rule to the pilots; freeze it")
+    seed = commands.add_parser("run", help="all arms of one seed (protocol steps 2-4)")
+    seed.add_argument("--seed", type=int, required=True)
+    seed.add_argument("--smoke", action="store_true", help="a tiny run that checks the wiring")
+    summary = commands.add_parser("report", help="the report over every finished seed (step 5)")
+    summary.add_argument("--smoke", action="store_true", help="of the --smoke runs")
+    commands.add_parser("all", help="pilots, choice, seeds 0-2 and the report; resumable")
     args = parser.parse_args()
-    if args.command == "pilot":
-        pilot(args)
+    {"pilot": pilot, "choose": choose, "run": run_seed, "report": report,
+     "all": run_all}[args.command](args)
 
 
 if __name__ == "__main__":
