@@ -198,7 +198,7 @@ def scored_labels(tokenizer, rows: list[dict]) -> list:
 
 
 def likelihoods(models: dict[str, Path], scores: Scores, heldout: Path, mmlu: set[str],
-                mmlu_questions: int = MMLU_QUESTIONS) -> None:
+                mmlu_questions: int = MMLU_QUESTIONS, retention_prompts: int = 100) -> None:
     """PLD and retention NLL of every model, and MMLU-STEM accuracy of those in `mmlu`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -212,7 +212,7 @@ def likelihoods(models: dict[str, Path], scores: Scores, heldout: Path, mmlu: se
     )
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    prompts = load_retention_prompts(None, 1000)
+    prompts = load_retention_prompts(None, retention_prompts)
     cfg = SimpleNamespace(base_model=str(smollm2_dir()))
     path = base_answers_path(cfg, tokenizer, prompts, RETENTION_TOKENS, RETENTION_CACHE)
     retention = load_scored_answers(ensure_base_answers(cfg, tokenizer, prompts,
@@ -310,6 +310,7 @@ class Scale:
     checkpoints: int = 10
     test_problems: int | None = None  # all 300
     mmlu_questions: int = MMLU_QUESTIONS
+    retention_prompts: int = 100  # all the shipped ones
     prefix: str = ""
 
     @property
@@ -318,7 +319,7 @@ class Scale:
 
 
 SMOKE = Scale(rows=16, heldout=8, checkpoints=2, test_problems=20, mmlu_questions=20,
-              prefix="smoke-")
+              retention_prompts=8, prefix="smoke-")
 
 
 def pilot_name(lr: float, rows: int = 300, epochs: int = 3, seed: int = 0) -> str:
@@ -391,7 +392,8 @@ def arm_config(out: Path, pool: Path, frozen: dict, seed: int, sidecar_python: s
         "sidecar": {"python": sidecar_python, "concurrency": 64},
         # every ~tenth of the run, never skipped for the overhead budget: curves of >= 8 points
         "pld": {"heldout_size": scale.heldout, "max_overhead": 0},
-        "retention": {"max_prompts": 100, "max_new_tokens": RETENTION_TOKENS},
+        "retention": {"max_prompts": scale.retention_prompts,
+                      "max_new_tokens": RETENTION_TOKENS},
     }
     if harvest_from is not None:
         cfg["tms"]["harvest_from"] = str(harvest_from)
@@ -482,7 +484,8 @@ def run_seed(args) -> dict:
         if base.get("base", metric) is None and first.get("base", metric) is not None:
             base.put("base", metric, first.get("base", metric))
     for target, models in ((base, {"base": smollm2_dir()}), (scores, arms)):
-        likelihoods(models, target, heldout, set(models), scale.mmlu_questions)
+        likelihoods(models, target, heldout, set(models), scale.mmlu_questions,
+                    scale.retention_prompts)
         accuracies(models, target, sidecar, out / "eval", scale.test_problems)
 
     tms_metrics, it_metrics = load_run(tms_run), load_run(iterative_run)
