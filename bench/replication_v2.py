@@ -494,7 +494,8 @@ def run_seed(args) -> dict:
               "iterative": curve(it_metrics.stages["student"].rows)}
     result = {
         "seed": seed, "setting": {k: frozen[k] for k in ("lr", "epochs")},
-        "tms": {**TMS_BLOCK, "temperature": 1.0, "max_new_tokens": REGENERATION_TOKENS},
+        "tms": {**TMS_BLOCK, "num_checkpoints": scale.checkpoints, "temperature": 1.0,
+                "max_new_tokens": REGENERATION_TOKENS},
         "command": f"{ENV} bench/replication_v2.py run --seed {seed}"
                    + (" --smoke" if scale.prefix else ""),
         "scale": asdict(scale),
@@ -604,7 +605,8 @@ def report(args=None) -> dict:
     goal per seed, PLD drift against retention loss; JSON, markdown and plots."""
     from tms_axolotl_plugin.report import correlation
 
-    results = (SMOKE if getattr(args, "smoke", False) else Scale()).results
+    smoke = getattr(args, "smoke", False)
+    results = (SMOKE if smoke else Scale()).results
     seeds = [json.loads(p.read_text()) for p in sorted(results.glob("seed*.json"))]
     if not seeds:
         sys.exit(f"no seed has finished yet ({results}/seed*.json): run `run --seed 0`")
@@ -640,7 +642,9 @@ def report(args=None) -> dict:
     result = {
         "protocol": "bench/README.md, Replication v2", "seeds": sorted(finals),
         "setting": seeds[0]["setting"], "tms": seeds[0]["tms"],
-        "commands": [s["command"] for s in seeds] + [f"{ENV} bench/replication_v2.py report"],
+        "commands": [s["command"] for s in seeds]
+                    + [f"{ENV} bench/replication_v2.py report" + (" --smoke" if smoke else "")],
+        "plots_dir": str(results),
         "per_seed": finals, "base": {s["seed"]: s["arms"]["base"] for s in seeds},
         "mean_sd": summary, "paired_differences": paired,
         "goal": {"rule": "TMS retention loss <= 0.5 x SFT's at >= 0.9 x SFT's accuracy gain",
@@ -718,7 +722,7 @@ def report_markdown(r: dict) -> str:
               "", "Optimizer steps: " + "; ".join(
                   f"seed {s}: " + ", ".join(f"{a} {n}" for a, n in steps.items())
                   for s, steps in r["optimizer_steps"].items()),
-              "", "Plots (bench/results/replication_v2/): " + ", ".join(r["plots"]), "",
+              "", f"Plots ({r['plots_dir']}/): " + ", ".join(r["plots"]), "",
               "Commands:", "", *[f"    {c}" for c in r["commands"]], ""]
     return "\n".join(lines)
 
