@@ -169,8 +169,17 @@ def accuracies(models: dict[str, Path], scores: Scores, sidecar_python: str,
             answers = {label.prompt_key: label for batch in
                        backend.generate(path, requests, SamplingSettings(greedy=True))
                        for label in batch}
-            right = sum(answer_is_correct(answers[f"q{i}"].text, row["final_answer"])
-                        for i, row in enumerate(rows))
+            correct = [answer_is_correct(answers[f"q{i}"].text, row["final_answer"])
+                       for i, row in enumerate(rows)]
+            right = sum(correct)
+            # Every answer is kept, so errors can be read and analysed without generating again.
+            with open(workdir / f"answers-{name}-{ANSWER_TOKENS}tok.jsonl", "w") as out:
+                for i, row in enumerate(rows):
+                    label = answers[f"q{i}"]
+                    out.write(json.dumps({"question": row["messages"][0]["content"],
+                                          "final_answer": row["final_answer"],
+                                          "answer": label.text, "correct": correct[i],
+                                          "finish_reason": label.finish_reason}) + "\n")
             cut = sum(answers[f"q{i}"].finish_reason == "length" for i in range(len(rows)))
             scores.put(name, ACCURACY, right / len(rows))
             scores.put(name, f"{ACCURACY}_truncated", cut / len(rows))
