@@ -100,6 +100,16 @@ def summary(runs: list[dict]) -> dict:
             "seqs_per_engine_step": mean(r["seqs_per_engine_step"] for r in runs), "runs": runs}
 
 
+def compared(runs: dict[str, list[dict]], path: str, baseline: str) -> dict:
+    """`path` against `baseline`: tokens/s ratio per round (adjacent runs, similar load), its
+    median, and the ratio of sequences the engine advanced per step."""
+    by_round = [p["tokens_per_s"] / b["tokens_per_s"]
+                for p, b in zip(runs[path], runs[baseline], strict=True)]
+    batch = (mean(r["seqs_per_engine_step"] for r in runs[path])
+             / mean(r["seqs_per_engine_step"] for r in runs[baseline]))
+    return {"by_round": by_round, "median": median(by_round), "engine_batch_ratio": batch}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=96)
@@ -190,20 +200,14 @@ def main() -> None:
             p["tokens"] == d["tokens"]
             for p, d in zip(runs["plugin"], runs["direct_same_requests"], strict=True)]
         for baseline, suffix in (("direct_same_requests", ""), ("direct", "_one_request")):
-            ratios = [p["tokens_per_s"] / d["tokens_per_s"]
-                      for p, d in zip(runs["plugin"], runs[baseline], strict=True)]
-            result[f"plugin_over_direct{suffix}_by_round"] = ratios
-            result[f"plugin_over_direct{suffix}"] = median(ratios)
-            result[f"engine_batch_ratio{suffix}"] = (
-                result["plugin"]["seqs_per_engine_step"]
-                / result[baseline]["seqs_per_engine_step"])
+            c = compared(runs, "plugin", baseline)
+            result[f"plugin_over_direct{suffix}_by_round"] = c["by_round"]
+            result[f"plugin_over_direct{suffix}"] = c["median"]
+            result[f"engine_batch_ratio{suffix}"] = c["engine_batch_ratio"]
         if args.headroom:
-            result["plugin_2x_window_over_direct"] = median(
-                p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(
-                    runs["plugin_2x_window"], runs["direct_same_requests"], strict=True))
-            result["plugin_2x_window_engine_batch_ratio"] = (
-                result["plugin_2x_window"]["seqs_per_engine_step"]
-                / result["direct_same_requests"]["seqs_per_engine_step"])
+            c = compared(runs, "plugin_2x_window", "direct_same_requests")
+            result["plugin_2x_window_over_direct"] = c["median"]
+            result["plugin_2x_window_engine_batch_ratio"] = c["engine_batch_ratio"]
 
         # Switch to a second full-weight checkpoint (a copy: same weights, new path).
         second = workdir / "checkpoint-2"
