@@ -296,6 +296,91 @@ def pilot(args) -> None:
         print(json.dumps(r))
 
 
+# Problem kinds the analysis reports apart (ASDiv's `solution_type`); the rest are "other".
+SINGLE_OPERATIONS = ("Addition", "Subtraction", "Multiplication", "Common-Division")
+
+
+def formula_value(formula: str) -> float | None:
+    """The value of an arithmetic formula such as `(5+3)*2` (numbers, + - * / x and brackets),
+    or None if it is not one."""
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv}
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(node)
+
+    text = formula.replace(",", "").replace("x", "*").replace("×", "*").replace("÷", "/")
+    try:
+        return value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def answer_kind(answer: str, reference: str) -> str:
+    """How a test answer went: `right`; in the label's form `<formula>=<n>`, `wrong formula`
+    (its formula's value is not the reference) or `wrong arithmetic` (the formula is right,
+    the stated result is not); or `other` (not in the label's form, or no formula)."""
+    from tms_axolotl_plugin.evaluation import answer_is_correct
+    from tms_axolotl_plugin.offline_assets import extract_final_number
+
+    if answer_is_correct(answer, reference):
+        return "right"
+    first = answer.strip().splitlines()[0] if answer.strip() else ""
+    if first.count("=") != 1:
+        return "other"
+    formula_side = formula_value(first.split("=")[0])
+    expected = extract_final_number(reference)
+    if formula_side is None or expected is None:
+        return "other"
+    if abs(formula_side - float(expected)) < 1e-6 * max(1.0, abs(formula_side)):
+        return "wrong arithmetic"
+    return "wrong formula"
+
+
+def analyse(args) -> dict:
+    """A pilot's saved test answers by problem kind: which kinds each model gets right, and
+    whether SFT's wrong answers have a wrong formula or wrong arithmetic."""
+    name = pilot_name(args.lr, args.rows, args.epochs, args.seed)
+    answers_dir = WORK / f"pilot-{name}" / "eval"
+    kinds = {json.loads(line)["question"]: json.loads(line)["solution_type"]
+             for line in asdiv_jsonl("test").read_text().splitlines()}
+    found = sorted(answers_dir.glob(f"answers-*-{ANSWER_TOKENS}tok.jsonl"),
+                   key=lambda p: (p.stem != f"answers-base-{ANSWER_TOKENS}tok", len(p.stem), p.stem))
+    if not found:
+        sys.exit(f"no saved answers in {answers_dir}: run `pilot --lr {args.lr:g}` first")
+    models = {}
+    for path in found:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        by_group: dict[str, list[bool]] = {}
+        outcome: dict[str, int] = {}
+        for row in rows:
+            kind = kinds[row["question"]]
+            group = kind if kind in SINGLE_OPERATIONS else "other"
+            by_group.setdefault(group, []).append(bool(row["correct"]))
+            how = answer_kind(row["answer"], row["final_answer"])
+            outcome[how] = outcome.get(how, 0) + 1
+        model = path.stem.removeprefix("answers-").removesuffix(f"-{ANSWER_TOKENS}tok")
+        models[model] = {
+            "accuracy": round(sum(r["correct"] for r in rows) / len(rows), 4),
+            "by_kind": {g: {"problems": len(v), "right": sum(v)}
+                        for g, v in sorted(by_group.items())},
+            "answers": dict(sorted(outcome.items()))}
+    result = {"pilot": name, "command": f"{ENV} bench/replication_v2.py "
+              + shlex.join(sys.argv[1:]), "models": models}
+    (RESULTS / f"pilot-{name}.analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=1))
+    return result
+
+
 PILOT_LRS = (1e-4, 3e-4, 1e-3)
 SEEDS = (0, 1, 2)
 FROZEN = RESULTS / "frozen.json"
@@ -756,6 +841,10 @@ def main() -> None:
     one.add_argument("--epochs", type=int, default=3)
     one.add_argument("--seed", type=int, default=0)
     commands.add_parser("choose", help="apply the choice rule to the pilots; freeze it")
+    why = commands.add_parser("analyse", help="a pilot's test answers by problem kind")
+    for flag, kind, default in (("--lr", float, None), ("--rows", int, 300),
+                                ("--epochs", int, 3), ("--seed", int, 0)):
+        why.add_argument(flag, type=kind, default=default, required=default is None)
     seed = commands.add_parser("run", help="all arms of one seed (protocol steps 2-4)")
     seed.add_argument("--seed", type=int, required=True)
     seed.add_argument("--smoke", action="store_true", help="a tiny run that checks the wiring")
@@ -763,7 +852,7 @@ def main() -> None:
     summary.add_argument("--smoke", action="store_true", help="of the --smoke runs")
     commands.add_parser("all", help="pilots, choice, seeds 0-2 and the report; resumable")
     args = parser.parse_args()
-    {"pilot": pilot, "choose": choose, "run": run_seed, "report": report,
+    {"pilot": pilot, "analyse": analyse, "choose": choose, "run": run_seed, "report": report,
      "all": run_all}[args.command](args)
 
 
