@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -434,7 +434,8 @@ def candidates(pilot_result: dict) -> list[dict]:
         rise = end["retention_nll"] - base["retention_nll"]
         pld_rise = end["pld"] - lowest
         found.append({
-            "lr": pilot_result["setting"]["lr"], "epochs": k, "checkpoint": end["model"],
+            "lr": pilot_result["setting"]["lr"], "rows": pilot_result["setting"]["rows"],
+            "epochs": k, "checkpoint": end["model"],
             "accuracy": end[ACCURACY], "accuracy_gain": round(gain, 4),
             "retention_rise": round(rise, 4), "pld_rise_after_min": round(pld_rise, 4),
             "a_accuracy": gain >= MIN_ACCURACY_GAIN, "b_forgetting": rise >= MIN_RETENTION_RISE,
@@ -449,13 +450,16 @@ def choose(_args=None) -> dict:
         path = RESULTS / f"pilot-{pilot_name(lr)}.json"
         if not path.exists():
             sys.exit(f"pilot LR {lr:g} has no result yet ({path}); run `pilot --lr {lr:g}`")
+    # Every recorded seed-0 pilot: the three 300-row ones, and any with more rows the rule
+    # asked for later.
+    for path in sorted(RESULTS.glob("pilot-lr*-rows*-ep*-seed0.json")):
         table += candidates(json.loads(path.read_text()))
     eligible = [c for c in table if c["a_accuracy"] and c["b_forgetting"]
                 and c["c_pld_dips_then_rises"]]
     if eligible:
-        best = min(eligible, key=lambda c: (c["epochs"], -c["accuracy_gain"]))
-        why = ("meets (a), (b) and (c); the fewest epochs among those that do, then the largest "
-               "accuracy gain")
+        best = min(eligible, key=lambda c: (c["rows"] * c["epochs"], -c["accuracy_gain"]))
+        why = ("meets (a), (b) and (c); the least training (rows x epochs) among those that do, "
+               "then the largest accuracy gain")
     else:
         partial = [c for c in table if c["a_accuracy"] and c["b_forgetting"]]
         if not partial:
@@ -464,7 +468,8 @@ def choose(_args=None) -> dict:
         best = max(partial, key=lambda c: c["pld_rise_after_min"])
         why = ("no candidate meets (c) (PLD dips, then rises by 0.01); among those meeting (a) "
                "and (b), the largest PLD rise")
-    frozen = {"lr": best["lr"], "epochs": best["epochs"], "chosen": best, "why": why,
+    frozen = {"lr": best["lr"], "rows": best["rows"], "epochs": best["epochs"], "chosen": best,
+              "why": why,
               "candidates": table}
     FROZEN.write_text(json.dumps(frozen, indent=2) + "\n")
     print(json.dumps(frozen, indent=2))
@@ -546,9 +551,11 @@ def run_seed(args) -> dict:
     if FROZEN.exists():
         frozen = json.loads(FROZEN.read_text())
     elif scale.prefix:
-        frozen = {"lr": 3e-4, "epochs": 1}
+        frozen = {"lr": 3e-4, "rows": SMOKE.rows, "epochs": 1}
     else:
         sys.exit(f"no frozen setting ({FROZEN}): run `choose` after the pilots")
+    if not scale.prefix:
+        scale = replace(scale, rows=frozen["rows"])
     seed, sidecar = args.seed, os.environ["TMS_SIDECAR_PYTHON"]
     out = (WORK / f"{scale.prefix}seed{seed}").resolve()
     pool, _, heldout = write_pool(out, scale.rows, seed, scale.heldout)
@@ -587,7 +594,7 @@ def run_seed(args) -> dict:
               "TMS": curve(tms_metrics.stages["student"].rows),
               "iterative": curve(it_metrics.stages["student"].rows)}
     result = {
-        "seed": seed, "setting": {k: frozen[k] for k in ("lr", "epochs")},
+        "seed": seed, "setting": {k: frozen[k] for k in ("lr", "rows", "epochs")},
         "tms": {**TMS_BLOCK, "num_checkpoints": scale.checkpoints, "temperature": 1.0,
                 "max_new_tokens": REGENERATION_TOKENS},
         "command": f"{ENV} bench/replication_v2.py run --seed {seed}"
