@@ -594,7 +594,7 @@ def run_seed(args) -> dict:
               "TMS": curve(tms_metrics.stages["student"].rows),
               "iterative": curve(it_metrics.stages["student"].rows)}
     result = {
-        "seed": seed, "setting": {k: frozen[k] for k in ("lr", "rows", "epochs")},
+        "seed": seed, "setting": {"lr": frozen["lr"], "rows": scale.rows, "epochs": frozen["epochs"]},
         "tms": {**TMS_BLOCK, "num_checkpoints": scale.checkpoints, "temperature": 1.0,
                 "max_new_tokens": REGENERATION_TOKENS},
         "command": f"{ENV} bench/replication_v2.py run --seed {seed}"
