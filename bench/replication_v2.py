@@ -247,7 +247,7 @@ def likelihoods(models: dict[str, Path], scores: Scores, heldout: Path, mmlu: se
 
 
 def pilot(args) -> None:
-    name = f"lr{args.lr:g}-rows{args.rows}-ep{args.epochs}-seed{args.seed}"
+    name = pilot_name(args.lr, args.rows, args.epochs, args.seed)
     out = (WORK / f"pilot-{name}").resolve()
     _, train, heldout = write_pool(out, args.rows, args.seed)
     log = out / "axolotl.log"
@@ -351,8 +351,8 @@ def analyse(args) -> dict:
     whether SFT's wrong answers have a wrong formula or wrong arithmetic."""
     name = pilot_name(args.lr, args.rows, args.epochs, args.seed)
     answers_dir = WORK / f"pilot-{name}" / "eval"
-    kinds = {json.loads(line)["question"]: json.loads(line)["solution_type"]
-             for line in asdiv_jsonl("test").read_text().splitlines()}
+    kinds = {row["question"]: row["solution_type"]
+             for row in map(json.loads, asdiv_jsonl("test").read_text().splitlines())}
     found = sorted(answers_dir.glob(f"answers-*-{ANSWER_TOKENS}tok.jsonl"),
                    key=lambda p: (p.stem != f"answers-base-{ANSWER_TOKENS}tok", len(p.stem), p.stem))
     if not found:
@@ -469,8 +469,7 @@ def choose(_args=None) -> dict:
         why = ("no candidate meets (c) (PLD dips, then rises by 0.01); among those meeting (a) "
                "and (b), the largest PLD rise")
     frozen = {"lr": best["lr"], "rows": best["rows"], "epochs": best["epochs"], "chosen": best,
-              "why": why,
-              "candidates": table}
+              "why": why, "candidates": table}
     FROZEN.write_text(json.dumps(frozen, indent=2) + "\n")
     print(json.dumps(frozen, indent=2))
     return frozen
@@ -831,11 +830,9 @@ def report_markdown(r: dict) -> str:
 MORE_ROWS = 1000  # the rule's next pilot when no 300-row pilot meets (a)
 
 
-def most_accurate_lr() -> float:
-    """The 300-row pilot LR with the highest test accuracy at any epoch end (ties: the lower)."""
-    best = {lr: max(c["accuracy"] for c in
-                    candidates(json.loads((RESULTS / f"pilot-{pilot_name(lr)}.json").read_text())))
-            for lr in PILOT_LRS}
+def most_accurate_lr(by_lr: dict[float, list[dict]]) -> float:
+    """The LR whose candidates reach the highest test accuracy (ties: the lower LR)."""
+    best = {lr: max(c["accuracy"] for c in found) for lr, found in by_lr.items()}
     return max(sorted(best), key=lambda lr: best[lr])
 
 
@@ -843,9 +840,10 @@ def run_all(args) -> None:
     """The whole bench, resumable: the pilots, the choice, every seed, the report."""
     for lr in PILOT_LRS:
         pilot(argparse.Namespace(lr=lr, rows=300, epochs=3, seed=0))
-    if not any(c["a_accuracy"] for lr in PILOT_LRS for c in
-               candidates(json.loads((RESULTS / f"pilot-{pilot_name(lr)}.json").read_text()))):
-        pilot(argparse.Namespace(lr=most_accurate_lr(), rows=MORE_ROWS, epochs=3, seed=0))
+    by_lr = {lr: candidates(json.loads((RESULTS / f"pilot-{pilot_name(lr)}.json").read_text()))
+             for lr in PILOT_LRS}
+    if not any(c["a_accuracy"] for found in by_lr.values() for c in found):
+        pilot(argparse.Namespace(lr=most_accurate_lr(by_lr), rows=MORE_ROWS, epochs=3, seed=0))
     frozen = json.loads(FROZEN.read_text()) if FROZEN.exists() else choose()
     print(f"frozen setting: LR {frozen['lr']:g}, {frozen['epochs']} epoch(s)", flush=True)
     for seed in SEEDS:
@@ -856,16 +854,15 @@ def run_all(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    one = commands.add_parser("pilot", help="one SFT-only pilot (protocol step 1)")
-    one.add_argument("--lr", type=float, required=True)
-    one.add_argument("--rows", type=int, default=300)
-    one.add_argument("--epochs", type=int, default=3)
-    one.add_argument("--seed", type=int, default=0)
+    # `analyse` names a pilot exactly as `pilot` does.
+    for command, text in (("pilot", "one SFT-only pilot (protocol step 1)"),
+                          ("analyse", "a pilot's saved test answers by problem kind")):
+        one = commands.add_parser(command, help=text)
+        one.add_argument("--lr", type=float, required=True)
+        one.add_argument("--rows", type=int, default=300)
+        one.add_argument("--epochs", type=int, default=3)
+        one.add_argument("--seed", type=int, default=0)
     commands.add_parser("choose", help="apply the choice rule to the pilots; freeze it")
-    why = commands.add_parser("analyse", help="a pilot's test answers by problem kind")
-    for flag, kind, default in (("--lr", float, None), ("--rows", int, 300),
-                                ("--epochs", int, 3), ("--seed", int, 0)):
-        why.add_argument(flag, type=kind, default=default, required=default is None)
     seed = commands.add_parser("run", help="all arms of one seed (protocol steps 2-4)")
     seed.add_argument("--seed", type=int, required=True)
     seed.add_argument("--smoke", action="store_true", help="a tiny run that checks the wiring")
